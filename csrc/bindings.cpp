@@ -1,0 +1,301 @@
+// Python bindings (module qwen2rt._core). Checks every buffer before C++ reads it, releases the GIL
+// for long work, and turns C++ errors into the exceptions of qwen2rt.errors.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <mutex>
+#include <thread>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common.h"
+#include "cpu_features.h"
+#include "kernels.h"
+#include "qwen2.h"
+#include "sampling.h"
+
+namespace py = pybind11;
+using namespace qwen2rt;
+
+namespace {
+
+DType parse_dtype(const std::string& s) {
+    if (s == "f32" || s == "float32") return DType::F32;
+    if (s == "bf16" || s == "bfloat16") return DType::BF16;
+    if (s == "f16" || s == "float16") return DType::F16;
+    throw InvalidArgument("unknown dtype '" + s + "' (expected f32, bf16 or f16)");
+}
+
+unsigned long g_main_thread = 0;
+
+// A KeyboardInterrupt (or another error raised by a signal handler) caught while C++ was running.
+struct PendingPyError {
+    PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+    bool set() const { return type != nullptr; }
+    void restore() { PyErr_Restore(type, value, tb); type = value = tb = nullptr; }
+};
+
+// Takes the model's lock or refuses: one Model object runs one call at a time.
+struct BusyGuard {
+    std::unique_lock<std::mutex> lock;
+    explicit BusyGuard(std::mutex& m) : lock(m, std::try_to_lock) {
+        if (!lock.owns_lock())
+            throw std::runtime_error(
+                "this Model is already running a call in another thread; use one Model per thread or a lock");
+    }
+};
+
+struct PyModel {
+    std::unique_ptr<Qwen2Model> model;
+    std::vector<py::object> borrowed;  // arrays whose memory the model points into
+    std::mutex busy;
+
+    PyModel(const py::dict& c, const std::string& dtype, int threads, int max_context) {
+        Qwen2Config cfg;
+        cfg.vocab_size = c["vocab_size"].cast<int>();
+        cfg.hidden_size = c["hidden_size"].cast<int>();
+        cfg.intermediate_size = c["intermediate_size"].cast<int>();
+        cfg.num_layers = c["num_hidden_layers"].cast<int>();
+        cfg.num_heads = c["num_attention_heads"].cast<int>();
+        cfg.num_kv_heads = c["num_key_value_heads"].cast<int>();
+        cfg.head_dim = c["head_dim"].cast<int>();
+        cfg.rms_norm_eps = c["rms_norm_eps"].cast<float>();
+        cfg.rope_theta = c["rope_theta"].cast<double>();
+        cfg.tie_word_embeddings = c["tie_word_embeddings"].cast<bool>();
+        DType dt = parse_dtype(dtype);
+        py::gil_scoped_release nogil;
+        model = std::make_unique<Qwen2Model>(cfg, dt, threads, max_context);
+    }
+
+    bool set_tensor(const std::string& name, py::buffer arr, const std::string& src_dtype,
+                    const std::vector<int64_t>& shape, bool may_borrow) {
+        BusyGuard g(busy);
+        py::buffer_info info = arr.request();
+        if (info.ndim > 0) {  // C-contiguous only: C++ reads the bytes in order
+            py::ssize_t expect = info.itemsize;
+            for (py::ssize_t d = info.ndim - 1; d >= 0; d--) {
+                if (info.shape[d] > 1 && info.strides[d] != expect)
+                    throw InvalidArgument("tensor '" + name + "' is not C-contiguous");
+                expect *= info.shape[d];
+            }
+        }
+        const size_t nbytes = size_t(info.size) * size_t(info.itemsize);
+        const DType src = parse_dtype(src_dtype);
+        bool kept;
+        {
+            py::gil_scoped_release nogil;
+            kept = model->set_tensor(name, info.ptr, src, shape, nbytes, may_borrow);
+        }
+        if (kept) borrowed.push_back(arr);
+        return kept;
+    }
+
+    py::array_t<float> forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int start_pos,
+                               bool all_logits) {
+        BusyGuard g(busy);
+        if (tokens.ndim() != 1) throw InvalidArgument("tokens must be a 1-D sequence of ids");
+        const int n = int(tokens.shape(0));
+        if (tokens.shape(0) > (1 << 24)) throw ContextOverflow("too many tokens");
+        const int V = model->config().vocab_size;
+        py::array_t<float> out = all_logits ? py::array_t<float>({py::ssize_t(n), py::ssize_t(V)})
+                                            : py::array_t<float>({py::ssize_t(V)});
+        float* outp = out.mutable_data();
+        const int32_t* tp = tokens.data();
+
+        // Ctrl-C: during a multi-token pass on the main thread, look for a pending signal between
+        // layers (a short GIL acquisition). A single decode step is short; the caller's loop sees it.
+        PendingPyError pending;
+        std::function<bool()> poll;
+        if (n > 1 && PyThread_get_thread_ident() == g_main_thread) {
+            poll = [&pending]() noexcept {
+                py::gil_scoped_acquire gil;
+                if (PyErr_CheckSignals() == 0) return false;
+                PyErr_Fetch(&pending.type, &pending.value, &pending.tb);
+                return true;
+            };
+        }
+        try {
+            py::gil_scoped_release nogil;
+            model->forward(tp, n, start_pos, all_logits, outp, poll);
+        } catch (const Interrupted&) {
+            if (pending.set()) {
+                pending.restore();
+                throw py::error_already_set();
+            }
+            PyErr_SetNone(PyExc_KeyboardInterrupt);
+            throw py::error_already_set();
+        }
+        return out;
+    }
+};
+
+py::array_t<float> kernel_matmul(const std::string& isa, py::array_t<float, py::array::c_style | py::array::forcecast> X,
+                                 py::array W, py::object bias) {
+    const Kernels* K = find_kernels(isa);
+    if (!K) throw InvalidArgument("ISA '" + isa + "' is not available");
+    if (X.ndim() != 2 || W.ndim() != 2 || X.shape(1) != W.shape(1)) throw InvalidArgument("matmul: X [M,K], W [N,K]");
+    const int M = int(X.shape(0)), Kd = int(X.shape(1)), N = int(W.shape(0));
+    std::vector<float> b;
+    if (!bias.is_none()) {
+        auto ba = bias.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
+        if (ba.ndim() != 1 || ba.shape(0) != N) throw InvalidArgument("matmul: bias [N]");
+        b.assign(ba.data(), ba.data() + N);
+    }
+    py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
+    if (py::isinstance<py::array_t<float>>(W)) {
+        auto w = W.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
+        K->matmul_f32(X.data(), Kd, M, Kd, w.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
+    } else if (py::isinstance<py::array_t<uint16_t>>(W)) {  // bf16 bit patterns
+        auto w = W.cast<py::array_t<uint16_t, py::array::c_style | py::array::forcecast>>();
+        K->matmul_bf16(X.data(), Kd, M, Kd, w.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
+    } else {
+        throw InvalidArgument("matmul: W must be float32 or uint16 (bf16 bits)");
+    }
+    return Y;
+}
+
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+const Kernels& kernels_or_throw(const std::string& isa) {
+    const Kernels* K = find_kernels(isa);
+    if (!K) throw InvalidArgument("ISA '" + isa + "' is not available");
+    return *K;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "qwen2rt C++ core";
+    g_main_thread = PyThread_get_thread_ident();
+
+    py::object errors = py::module_::import("qwen2rt.errors");
+    static py::object invalid = errors.attr("InvalidInputError");
+    static py::object overflow = errors.attr("ContextLengthError");
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const ContextOverflow& e) {
+            PyErr_SetString(overflow.ptr(), e.what());
+        } catch (const InvalidArgument& e) {
+            PyErr_SetString(invalid.ptr(), e.what());
+        }
+    });
+
+    m.def("available_isas", &available_isas, "Instruction-set paths this build and CPU can run, worst to best.");
+    m.def("active_isa", []() { return std::string(active_kernels().isa); });
+    m.def("set_isa", &set_active_isa, py::arg("isa"), "Force a kernel path: generic, avx2 or avx512.");
+    m.def("openmp_max_threads", []() {
+#ifdef _OPENMP
+        return omp_get_max_threads();
+#else
+        return 1;
+#endif
+    });
+    m.def("cpu_flags", []() {
+        const CpuFeatures& f = cpu_features();
+        py::dict d;
+        d["avx2"] = f.avx2 && f.os_avx;
+        d["fma"] = f.fma;
+        d["f16c"] = f.f16c;
+        d["avx512f"] = f.avx512f && f.os_avx512;
+        d["avx512bw"] = f.avx512bw && f.os_avx512;
+        d["avx512vnni"] = f.avx512vnni && f.os_avx512;
+        d["avx512bf16"] = f.avx512bf16 && f.os_avx512;
+        d["avx_vnni"] = f.avx_vnni && f.os_avx;
+        d["amx_int8"] = f.amx_int8 && f.os_amx;
+        d["amx_bf16"] = f.amx_bf16 && f.os_amx;
+        return d;
+    });
+    m.def("kv_cache_bytes", &KVCache::bytes_needed, py::arg("layers"), py::arg("kv_heads"), py::arg("head_dim"),
+          py::arg("max_context"));
+
+    py::class_<PyModel>(m, "Qwen2Model")
+        .def(py::init<const py::dict&, const std::string&, int, int>(), py::arg("config"), py::arg("dtype"),
+             py::arg("threads"), py::arg("max_context"))
+        .def("set_tensor", &PyModel::set_tensor, py::arg("name"), py::arg("array"), py::arg("src_dtype"),
+             py::arg("shape"), py::arg("may_borrow") = true)
+        .def("missing_tensors", [](PyModel& s) { return s.model->missing_tensors(); })
+        .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("start_pos"), py::arg("all_logits") = false)
+        .def("reset", [](PyModel& s) {
+            BusyGuard g(s.busy);
+            s.model->reset();
+        })
+        .def_property_readonly("cache_len", [](PyModel& s) { return s.model->cache_len(); })
+        .def_property_readonly("cached_tokens",
+                               [](PyModel& s) {
+                                   const std::vector<int32_t>& t = s.model->cached_tokens();
+                                   return py::array_t<int32_t>(py::ssize_t(t.size()), t.data());
+                               })
+        .def_property_readonly("max_context", [](PyModel& s) { return s.model->max_context(); })
+        .def_property_readonly("threads", [](PyModel& s) { return s.model->threads(); })
+        .def_property_readonly("dtype", [](PyModel& s) { return std::string(dtype_name(s.model->dtype())); })
+        .def_property_readonly("weight_bytes", [](PyModel& s) { return s.model->weight_bytes(); })
+        .def_property_readonly("kv_cache_bytes", [](PyModel& s) { return s.model->kv_cache_bytes(); });
+
+    py::class_<Sampler>(m, "Sampler")
+        .def(py::init<>())
+        .def(
+            "sample",
+            [](Sampler& s, F32Array logits, float temperature, int top_k, float top_p, float min_p,
+               float repetition_penalty, py::array_t<int32_t, py::array::c_style | py::array::forcecast> history,
+               double u) {
+                if (logits.ndim() != 1) throw InvalidArgument("logits must be 1-D");
+                if (history.ndim() != 1) throw InvalidArgument("history must be 1-D");
+                SamplingParams p;
+                p.temperature = temperature;
+                p.top_k = top_k;
+                p.top_p = top_p;
+                p.min_p = min_p;
+                p.repetition_penalty = repetition_penalty;
+                py::gil_scoped_release nogil;
+                return s.sample(logits.data(), int(logits.shape(0)), p, history.data(), int(history.shape(0)), u);
+            },
+            py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+            py::arg("repetition_penalty"), py::arg("history"), py::arg("u"));
+
+    // Single kernels, for the tests against numpy.
+    py::module_ k = m.def_submodule("kernels", "Individual kernels of one ISA, for testing");
+    k.def("matmul", &kernel_matmul, py::arg("isa"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
+          "Y = X @ W.T (+ bias); W float32 or uint16 holding bf16 bits");
+    k.def("rmsnorm", [](const std::string& isa, F32Array x, F32Array w, float eps) {
+        const Kernels& K = kernels_or_throw(isa);
+        if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1)) throw InvalidArgument("rmsnorm: x [M,n], w [n]");
+        py::array_t<float> y({x.shape(0), x.shape(1)});
+        for (py::ssize_t r = 0; r < x.shape(0); r++)
+            K.rmsnorm(x.data() + r * x.shape(1), w.data(), eps, int(x.shape(1)), y.mutable_data() + r * x.shape(1));
+        return y;
+    });
+    k.def("rope", [](const std::string& isa, F32Array x, F32Array cos, F32Array sin) {
+        const Kernels& K = kernels_or_throw(isa);
+        if (x.ndim() != 2 || cos.ndim() != 2 || sin.ndim() != 2 || x.shape(1) % 2 || cos.shape(1) * 2 != x.shape(1) ||
+            cos.shape(0) != x.shape(0) || sin.shape(0) != x.shape(0) || sin.shape(1) != cos.shape(1))
+            throw InvalidArgument("rope: x [M,2h], cos/sin [M,h]");
+        py::array_t<float> y({x.shape(0), x.shape(1)});
+        std::memcpy(y.mutable_data(), x.data(), size_t(x.size()) * 4);
+        const int h = int(cos.shape(1));
+        for (py::ssize_t r = 0; r < x.shape(0); r++)
+            K.rope(y.mutable_data() + r * 2 * h, cos.data() + r * h, sin.data() + r * h, h);
+        return y;
+    });
+    k.def("silu_mul", [](const std::string& isa, F32Array g, F32Array u) {
+        const Kernels& K = kernels_or_throw(isa);
+        if (g.ndim() != 1 || u.ndim() != 1 || g.shape(0) != u.shape(0)) throw InvalidArgument("silu_mul: g [n], u [n]");
+        py::array_t<float> y(g.shape(0));
+        K.silu_mul(g.data(), u.data(), int(g.shape(0)), y.mutable_data());
+        return y;
+    });
+    k.def("attention", [](const std::string& isa, F32Array q, F32Array keys, F32Array values, float scale) {
+        const Kernels& K = kernels_or_throw(isa);
+        if (q.ndim() != 2 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(1) != q.shape(1) ||
+            values.shape(0) != keys.shape(0) || values.shape(1) != q.shape(1) || keys.shape(0) < 1)
+            throw InvalidArgument("attention: q [G,D], K [T,D], V [T,D], T >= 1");
+        const int G = int(q.shape(0)), D = int(q.shape(1)), T = int(keys.shape(0));
+        std::vector<float> scores(size_t(G) * T);
+        py::array_t<float> out({G, D});
+        K.attention(q.data(), G, D, keys.data(), values.data(), T, scale, scores.data(), out.mutable_data());
+        return out;
+    });
+}

@@ -1,0 +1,45 @@
+#include "common.h"
+
+#include <cstdlib>
+#include <new>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define QWEN2RT_HAVE_MMAP 1
+#endif
+
+namespace qwen2rt {
+
+AlignedBuffer::AlignedBuffer(size_t bytes) {
+    if (bytes == 0) return;
+#if QWEN2RT_HAVE_MMAP
+    if (bytes >= (size_t(1) << 20)) {
+        // Anonymous pages are zero and become resident only when first written.
+        void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) throw std::bad_alloc();
+        ptr_ = p;
+        size_ = bytes;
+        mapped_ = true;
+        return;
+    }
+#endif
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, rounded);
+    if (!p) throw std::bad_alloc();
+    std::memset(p, 0, rounded);
+    ptr_ = p;
+    size_ = bytes;
+}
+
+AlignedBuffer::~AlignedBuffer() {
+    if (!ptr_) return;
+#if QWEN2RT_HAVE_MMAP
+    if (mapped_) {
+        munmap(ptr_, size_);
+        return;
+    }
+#endif
+    std::free(ptr_);
+}
+
+}  // namespace qwen2rt

@@ -1,0 +1,60 @@
+// The kernel table: every compute kernel the model uses, one table per instruction set.
+//
+// kernels_generic.cpp is the portable reference; kernels_avx2.cpp and kernels_avx512.cpp are compiled
+// with their own -m flags and must give the same answers within float tolerance (tests/test_kernels.py
+// runs each against numpy). The table in use is picked once, by CPU detection, or forced with
+// QWEN2RT_ISA=generic|avx2|avx512.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qwen2rt {
+
+struct Kernels {
+    const char* isa;
+
+    // Y[m*ldy + n] = sum_k X[m*ldx + k] * W[n*K + k] (+ bias[n]) for 0 <= m < M, n0 <= n < n1.
+    // W is a row-major [N, K] weight matrix (a torch Linear weight). Each W row is loaded once per
+    // block of tokens, so a prefill reuses weights across tokens; the caller splits n across threads.
+    void (*matmul_f32)(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y,
+                       int ldy, int n0, int n1);
+    void (*matmul_bf16)(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
+                        int ldy, int n0, int n1);
+
+    // y = x / sqrt(mean(x^2) + eps) * w over one row of n (y may equal x).
+    void (*rmsnorm)(const float* x, const float* w, float eps, int n, float* y);
+
+    // Rotate-half RoPE of one head of 2*half values, in place:
+    // (x[i], x[i+half]) <- (x[i]*cos[i] - x[i+half]*sin[i], x[i+half]*cos[i] + x[i]*sin[i]).
+    void (*rope)(float* x, const float* cos, const float* sin, int half);
+
+    // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
+    void (*silu_mul)(const float* gate, const float* up, int n, float* out);
+
+    // Attention at one query position for the G query heads that share one KV head:
+    //   out[g] = softmax_t(scale * q[g].K[t]) . V[t],  t < n_keys
+    // q and out are G rows of head_dim; K and V are n_keys rows of head_dim (one KV head of the cache).
+    // Each K and V row is read once for all G heads. scores is scratch for G*n_keys floats.
+    void (*attention)(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys,
+                      float scale, float* scores, float* out);
+
+    // y[i] += x[i]
+    void (*add)(float* y, const float* x, int n);
+};
+
+const Kernels* kernels_generic();
+#if defined(QWEN2RT_X86)
+const Kernels* kernels_avx2();
+const Kernels* kernels_avx512();
+#endif
+
+// The table for an ISA name, or nullptr when this build or CPU lacks it.
+const Kernels* find_kernels(const std::string& isa);
+// The table in use (QWEN2RT_ISA if set and valid, else the best the CPU has).
+const Kernels& active_kernels();
+// Force a path; throws InvalidArgument for an unknown or unavailable one.
+void set_active_isa(const std::string& isa);
+
+}  // namespace qwen2rt

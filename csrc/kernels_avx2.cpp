@@ -1,0 +1,229 @@
+// AVX2 + FMA kernels (8 floats a vector). This unit alone is compiled with -mavx2 -mfma -mf16c and is
+// only called after cpu_features() says the CPU and OS have them. As in kernels_avx512.cpp, nothing
+// here instantiates an inline function with external linkage.
+#include <immintrin.h>
+#include <math.h>
+
+#include "kernels.h"
+
+namespace qwen2rt {
+namespace avx2 {
+
+#include "kernels_portable.inc"
+
+static inline int imin(int a, int b) { return a < b ? a : b; }
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load_w(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load_w(const uint16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline float load_w1(const float* p) { return *p; }
+static inline float load_w1(const uint16_t* p) {
+    uint32_t u = uint32_t(*p) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+// exp(x), within 2 ulp of expf on [-87, 88]; 2^n is built in the exponent bits.
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    // n in [-126, 128]: split 2^n in two factors so that neither leaves the normal range
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i n1 = _mm256_srai_epi32(ni, 1);
+    const __m256i n2 = _mm256_sub_epi32(ni, n1);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul: MR x NR register tile of dot products, as in kernels_avx512.cpp; the K tail (K % 8) is
+// finished in scalar code.
+
+template <int MR, int NR, class WT>
+static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float* bias, float* Y, int ldy) {
+    __m256 acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 w[NR];
+        for (int j = 0; j < NR; j++) w[j] = load_w(W + size_t(j) * K + k);
+        for (int i = 0; i < MR; i++) {
+            const __m256 x = _mm256_loadu_ps(X + size_t(i) * ldx + k);
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(x, w[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            float s = hsum(acc[i][j]);
+            for (int kk = k; kk < K; kk++) s += X[size_t(i) * ldx + kk] * load_w1(W + size_t(j) * K + kk);
+            Y[size_t(i) * ldy + j] = s + (bias ? bias[j] : 0.f);
+        }
+}
+
+template <class WT>
+using TileFn = void (*)(const float*, int, int, const WT*, const float*, float*, int);
+
+template <class WT, int MR>
+static TileFn<WT> tile_for_nr(int nr) {
+    switch (nr) {
+        case 1: return matmul_tile<MR, 1, WT>;
+        case 2: return matmul_tile<MR, 2, WT>;
+        default: return matmul_tile<MR, 3, WT>;
+    }
+}
+
+template <class WT>
+static TileFn<WT> tile_for(int mr, int nr) {
+    switch (mr) {
+        case 1: return tile_for_nr<WT, 1>(nr);
+        case 2: return tile_for_nr<WT, 2>(nr);
+        case 3: return tile_for_nr<WT, 3>(nr);
+        default: return tile_for_nr<WT, 4>(nr);
+    }
+}
+
+template <class WT>
+static void matmul(const float* X, int ldx, int M, int K, const WT* W, const float* bias, float* Y, int ldy, int n0,
+                   int n1) {
+    auto B = [&](int n) { return bias ? bias + n : nullptr; };
+    if (M == 1) {
+        int n = n0;
+        for (; n + 4 <= n1; n += 4) matmul_tile<1, 4, WT>(X, ldx, K, W + size_t(n) * K, B(n), Y + n, ldy);
+        for (; n < n1; n++) matmul_tile<1, 1, WT>(X, ldx, K, W + size_t(n) * K, B(n), Y + n, ldy);
+        return;
+    }
+    constexpr int kTokenBlock = 64;
+    for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
+        const int m1 = imin(M, m0 + kTokenBlock);
+        for (int n = n0; n < n1; n += 3) {
+            const int nr = imin(3, n1 - n);
+            for (int m = m0; m < m1; m += 4) {
+                const int mr = imin(4, m1 - m);
+                tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, W + size_t(n) * K, B(n), Y + size_t(m) * ldy + n,
+                                     ldy);
+            }
+        }
+    }
+}
+
+static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
+                       int n0, int n1) {
+    matmul<float>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+}
+static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
+                        int ldy, int n0, int n1) {
+    matmul<uint16_t>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static void rmsnorm(const float* x, const float* w, float eps, int n, float* y) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / float(n) + eps);
+    const __m256 vr = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), vr)));
+    for (; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+static void silu_mul(const float* gate, const float* up, int n, float* out) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+}
+
+static inline float dot(const float* a, const float* b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float a, const float* x, float* y, int n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+static void softmax(float* s, int n) {
+    float mx = s[0];
+    for (int t = 1; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+        _mm256_storeu_ps(s + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    const float inv = 1.f / sum;
+    for (t = 0; t < n; t++) s[t] *= inv;
+}
+
+static void attention(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,
+                      float* scores, float* out) {
+    for (int t = 0; t < n_keys; t++) {
+        const float* k = K + size_t(t) * head_dim;
+        for (int g = 0; g < G; g++) scores[size_t(g) * n_keys + t] = scale * dot(q + g * head_dim, k, head_dim);
+    }
+    for (int g = 0; g < G; g++) softmax(scores + size_t(g) * n_keys, n_keys);
+    for (int i = 0; i < G * head_dim; i++) out[i] = 0.f;
+    for (int t = 0; t < n_keys; t++) {
+        const float* v = V + size_t(t) * head_dim;
+        for (int g = 0; g < G; g++) axpy(scores[size_t(g) * n_keys + t], v, out + g * head_dim, head_dim);
+    }
+}
+
+static const Kernels table = {
+    "avx2", matmul_f32, matmul_bf16, rmsnorm, rope_portable, silu_mul, attention, add_portable,
+};
+
+}  // namespace avx2
+
+const Kernels* kernels_avx2() { return &avx2::table; }
+
+}  // namespace qwen2rt

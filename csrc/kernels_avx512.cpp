@@ -1,0 +1,263 @@
+// AVX-512 kernels (F, BW, VL, DQ; VNNI and BF16 for the quantized formats to come). This unit alone is
+// compiled with those -m flags; it is only called after cpu_features() says the CPU and OS have them.
+//
+// No inline function with external linkage may be instantiated here (std::min, std::fill, helpers
+// from common.h): the linker could pick this AVX-512 copy for the generic code too. Everything in
+// this file is static or in its own namespace and uses only intrinsics and builtins.
+#include <immintrin.h>
+
+#include <math.h>
+
+#include "kernels.h"
+
+namespace qwen2rt {
+namespace avx512 {
+
+#include "kernels_portable.inc"
+
+static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline __mmask16 tail_mask(int n) { return __mmask16((1u << n) - 1u); }
+
+static inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_w(const uint16_t* p) {
+    // bf16 -> f32 is a 16-bit shift: widen to 32 bits and move the payload to the high half.
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+static inline __m512 load_w(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 load_w(const uint16_t* p, __mmask16 m) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// exp(x) for a vector, within 2 ulp of expf: 2^n * p(r), r = x - n*ln2 in [-ln2/2, ln2/2].
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);  // x first in the NaN-propagating slot
+    x = _mm512_min_ps(_mm512_set1_ps(89.f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul: an MR x NR register tile of dot products. Each step loads NR weight vectors and MR token
+// vectors and does MR*NR FMAs; the accumulators are reduced once at the end of K.
+
+template <int MR, int NR, class WT>
+static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float* bias, float* Y, int ldy) {
+    __m512 acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 w[NR];
+        for (int j = 0; j < NR; j++) w[j] = load_w(W + size_t(j) * K + k);
+        for (int i = 0; i < MR; i++) {
+            const __m512 x = _mm512_loadu_ps(X + size_t(i) * ldx + k);
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
+        }
+    }
+    if (k < K) {
+        const __mmask16 m = tail_mask(K - k);
+        __m512 w[NR];
+        for (int j = 0; j < NR; j++) w[j] = load_w(W + size_t(j) * K + k, m);
+        for (int i = 0; i < MR; i++) {
+            const __m512 x = _mm512_maskz_loadu_ps(m, X + size_t(i) * ldx + k);
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++)
+            Y[size_t(i) * ldy + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j] : 0.f);
+}
+
+template <class WT>
+using TileFn = void (*)(const float*, int, int, const WT*, const float*, float*, int);
+
+template <class WT, int MR>
+static TileFn<WT> tile_for_nr(int nr) {
+    switch (nr) {
+        case 1: return matmul_tile<MR, 1, WT>;
+        case 2: return matmul_tile<MR, 2, WT>;
+        case 3: return matmul_tile<MR, 3, WT>;
+        default: return matmul_tile<MR, 4, WT>;
+    }
+}
+
+template <class WT>
+static TileFn<WT> tile_for(int mr, int nr) {
+    switch (mr) {
+        case 1: return tile_for_nr<WT, 1>(nr);
+        case 2: return tile_for_nr<WT, 2>(nr);
+        case 3: return tile_for_nr<WT, 3>(nr);
+        default: return tile_for_nr<WT, 4>(nr);
+    }
+}
+
+template <class WT>
+static void matmul(const float* X, int ldx, int M, int K, const WT* W, const float* bias, float* Y, int ldy, int n0,
+                   int n1) {
+    auto B = [&](int n) { return bias ? bias + n : nullptr; };
+    if (M == 1) {  // decode: one token, eight weight rows at a time (memory-bound)
+        int n = n0;
+        for (; n + 8 <= n1; n += 8) matmul_tile<1, 8, WT>(X, ldx, K, W + size_t(n) * K, B(n), Y + n, ldy);
+        for (; n < n1; n += 4) {
+            const int nr = imin(4, n1 - n);
+            tile_for<WT>(1, nr)(X, ldx, K, W + size_t(n) * K, B(n), Y + n, ldy);
+        }
+        return;
+    }
+    // Prefill: a block of up to 64 tokens (64*K floats, in L2) meets every weight row of [n0, n1);
+    // four weight rows (in L1) are reused across the whole token block.
+    constexpr int kTokenBlock = 64;
+    for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
+        const int m1 = imin(M, m0 + kTokenBlock);
+        for (int n = n0; n < n1; n += 4) {
+            const int nr = imin(4, n1 - n);
+            for (int m = m0; m < m1; m += 4) {
+                const int mr = imin(4, m1 - m);
+                tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, W + size_t(n) * K, B(n), Y + size_t(m) * ldy + n,
+                                     ldy);
+            }
+        }
+    }
+}
+
+static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
+                       int n0, int n1) {
+    matmul<float>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+}
+static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
+                        int ldy, int n0, int n1) {
+    matmul<uint16_t>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static void rmsnorm(const float* x, const float* w, float eps, int n, float* y) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    if (i < n) {
+        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(n - i), x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const float r = 1.f / sqrtf(_mm512_reduce_add_ps(acc) / float(n) + eps);
+    const __m512 vr = _mm512_set1_ps(r);
+    for (i = 0; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_mul_ps(_mm512_loadu_ps(x + i), vr)));
+    if (i < n) {
+        const __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(y + i, m,
+                              _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i),
+                                            _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vr)));
+    }
+}
+
+static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
+}
+
+static void silu_mul(const float* gate, const float* up, int n, float* out) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, silu_mul16(_mm512_loadu_ps(gate + i), _mm512_loadu_ps(up + i)));
+    if (i < n) {
+        const __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(out + i, m, silu_mul16(_mm512_maskz_loadu_ps(m, gate + i), _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+static inline float dot(const float* a, const float* b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        const __mmask16 m = tail_mask(n - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// y += a * x
+static inline void axpy(float a, const float* x, float* y, int n) {
+    const __m512 va = _mm512_set1_ps(a);
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        const __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(y + i, m,
+                              _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+// softmax in place over n floats
+static void softmax(float* s, int n) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + t));
+    if (t < n) vmax = _mm512_mask_max_ps(vmax, tail_mask(n - t), vmax, _mm512_loadu_ps(s + t));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx));
+        _mm512_storeu_ps(s + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (t < n) {
+        const __mmask16 m = tail_mask(n - t);
+        const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), mx)));
+        _mm512_mask_storeu_ps(s + t, m, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+    for (t = 0; t + 16 <= n; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
+    if (t < n) {
+        const __mmask16 m = tail_mask(n - t);
+        _mm512_mask_storeu_ps(s + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t), inv));
+    }
+}
+
+static void attention(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,
+                      float* scores, float* out) {
+    for (int t = 0; t < n_keys; t++) {  // each K row once, for all G heads
+        const float* k = K + size_t(t) * head_dim;
+        for (int g = 0; g < G; g++) scores[size_t(g) * n_keys + t] = scale * dot(q + g * head_dim, k, head_dim);
+    }
+    for (int g = 0; g < G; g++) softmax(scores + size_t(g) * n_keys, n_keys);
+    for (int i = 0; i < G * head_dim; i++) out[i] = 0.f;
+    for (int t = 0; t < n_keys; t++) {  // each V row once, for all G heads
+        const float* v = V + size_t(t) * head_dim;
+        for (int g = 0; g < G; g++) axpy(scores[size_t(g) * n_keys + t], v, out + g * head_dim, head_dim);
+    }
+}
+
+static void add(float* y, const float* x, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_loadu_ps(x + i)));
+    for (; i < n; i++) y[i] += x[i];
+}
+
+static const Kernels table = {
+    "avx512", matmul_f32, matmul_bf16, rmsnorm, rope_portable, silu_mul, attention, add,
+};
+
+}  // namespace avx512
+
+const Kernels* kernels_avx512() { return &avx512::table; }
+
+}  // namespace qwen2rt

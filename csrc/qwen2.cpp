@@ -1,0 +1,425 @@
+// The Qwen2 forward pass, top to bottom, in the order of transformers' modeling_qwen2.py:
+//
+//   embed_tokens
+//   for each layer:
+//       h = x + o_proj(attention(rope(q_proj(norm(x))), rope(k_proj(..)), v_proj(..)))
+//       x = h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h)))
+//   logits = lm_head(norm(x))
+//
+// One OpenMP team runs a whole chunk of tokens: every thread takes its share of each step (rows of a
+// weight matrix, tokens, or KV heads) and the team meets at a barrier between steps that depend on
+// each other. Weights are f32 or bf16; activations, norms, softmax and accumulation are f32.
+#include "qwen2.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+namespace qwen2rt {
+
+// ---------------------------------------------------------------------------------------------
+// A thread's place in the team, and the barrier that ends a step.
+
+namespace {
+
+struct Team {
+    int tid = 0, nth = 1;
+    Team() {
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nth = omp_get_num_threads();
+#endif
+    }
+    void sync() const {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    }
+    // This thread's share [a, b) of n items, cut at multiples of `align` so that a thread owns whole
+    // heads (align = head_dim) or whole register tiles.
+    void split(int n, int align, int& a, int& b) const {
+        const int units = (n + align - 1) / align;
+        a = std::min(n, int(int64_t(units) * tid / nth) * align);
+        b = std::min(n, int(int64_t(units) * (tid + 1) / nth) * align);
+    }
+};
+
+// Y[:, a:b] = X W[a:b]^T (+ bias) for this thread's rows [a, b) of W.
+void matmul_rows(const Kernels& K, const float* X, int M, const Matrix& W, const float* bias, float* Y, int ldy,
+                 int a, int b) {
+    if (a >= b) return;
+    if (W.dtype == DType::F32)
+        K.matmul_f32(X, W.cols, M, W.cols, static_cast<const float*>(W.data), bias, Y, ldy, a, b);
+    else
+        K.matmul_bf16(X, W.cols, M, W.cols, static_cast<const uint16_t*>(W.data), bias, Y, ldy, a, b);
+}
+
+float* f32(const AlignedBuffer& b) { return b.as<float>(); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// KV cache
+
+size_t KVCache::bytes_needed(int layers, int kv_heads, int head_dim, int max_context) {
+    return checked_mul(checked_mul(checked_mul(checked_mul(size_t(layers), size_t(kv_heads)), size_t(head_dim)),
+                                   size_t(max_context)),
+                       2 * sizeof(float));
+}
+
+KVCache::KVCache(int layers, int kv_heads, int head_dim, int max_context)
+    : kv_heads_(kv_heads), head_dim_(head_dim), max_context_(max_context) {
+    const size_t half = bytes_needed(layers, kv_heads, head_dim, max_context) / 2;
+    k_ = AlignedBuffer(half);
+    v_ = AlignedBuffer(half);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Construction and weights
+
+Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, int max_context)
+    : cfg_(cfg), dtype_(weight_dtype), threads_(threads), max_context_(max_context) {
+    auto need = [](bool ok, const std::string& what) {
+        if (!ok) throw InvalidArgument("unsupported Qwen2 config: " + what);
+    };
+    need(cfg.vocab_size > 0 && cfg.hidden_size > 0 && cfg.intermediate_size > 0 && cfg.num_layers > 0,
+         "vocab_size, hidden_size, intermediate_size and num_hidden_layers must be positive");
+    need(cfg.num_heads > 0 && cfg.num_kv_heads > 0 && cfg.num_heads % cfg.num_kv_heads == 0,
+         "num_attention_heads must be a positive multiple of num_key_value_heads");
+    need(cfg.head_dim > 0 && cfg.head_dim % 2 == 0 && cfg.head_dim <= 1024, "head_dim must be even and <= 1024");
+    need(cfg.hidden_size <= (1 << 20) && cfg.intermediate_size <= (1 << 22) && cfg.vocab_size <= (1 << 24) &&
+             int64_t(cfg.num_heads) * cfg.head_dim <= (1 << 20) && cfg.num_layers <= 4096,
+         "sizes out of range");
+    need(cfg.rms_norm_eps > 0 && std::isfinite(cfg.rms_norm_eps), "rms_norm_eps must be positive");
+    need(cfg.rope_theta > 0 && std::isfinite(cfg.rope_theta), "rope_theta must be positive");
+    if (weight_dtype != DType::F32 && weight_dtype != DType::BF16)
+        throw InvalidArgument("weights can be held as f32 or bf16");
+    if (max_context < 1 || max_context > (1 << 24)) throw InvalidArgument("max_context must be in 1..16777216");
+    if (threads_ < 1) threads_ = 1;
+#ifndef _OPENMP
+    threads_ = 1;
+#endif
+
+    layers_.resize(cfg.num_layers);
+    tokens_.reserve(size_t(max_context));
+    cache_ = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_context);
+
+    const size_t C = kChunk, H = cfg.hidden_size, I = cfg.intermediate_size;
+    const size_t QD = size_t(cfg.num_heads) * cfg.head_dim, KVD = size_t(cfg.num_kv_heads) * cfg.head_dim;
+    const size_t group = cfg.num_heads / cfg.num_kv_heads;
+    s_.x = AlignedBuffer(C * H * 4);
+    s_.xn = AlignedBuffer(C * H * 4);
+    s_.q = AlignedBuffer(C * QD * 4);
+    s_.k = AlignedBuffer(C * KVD * 4);
+    s_.v = AlignedBuffer(C * KVD * 4);
+    s_.att = AlignedBuffer(C * QD * 4);
+    s_.proj = AlignedBuffer(C * H * 4);
+    s_.gate = AlignedBuffer(C * I * 4);
+    s_.up = AlignedBuffer(C * I * 4);
+    s_.rope = AlignedBuffer(C * cfg.head_dim * 4);
+    s_.scores = AlignedBuffer(checked_mul(size_t(threads_) * group * size_t(max_context), 4));
+}
+
+Matrix* Qwen2Model::find_matrix(const std::string& name, int& rows, int& cols) {
+    const int H = cfg_.hidden_size, I = cfg_.intermediate_size;
+    const int QD = cfg_.num_heads * cfg_.head_dim, KVD = cfg_.num_kv_heads * cfg_.head_dim;
+    if (name == "model.embed_tokens.weight") return rows = cfg_.vocab_size, cols = H, &embed_tokens_;
+    if (name == "lm_head.weight") return rows = cfg_.vocab_size, cols = H, &lm_head_;
+    int layer = -1, used = 0;
+    if (std::sscanf(name.c_str(), "model.layers.%d.%n", &layer, &used) != 1 || used == 0) return nullptr;
+    if (layer < 0 || layer >= cfg_.num_layers) return nullptr;
+    LayerWeights& L = layers_[layer];
+    const std::string rest = name.substr(used);
+    if (rest == "self_attn.q_proj.weight") return rows = QD, cols = H, &L.q_proj;
+    if (rest == "self_attn.k_proj.weight") return rows = KVD, cols = H, &L.k_proj;
+    if (rest == "self_attn.v_proj.weight") return rows = KVD, cols = H, &L.v_proj;
+    if (rest == "self_attn.o_proj.weight") return rows = H, cols = QD, &L.o_proj;
+    if (rest == "mlp.gate_proj.weight") return rows = I, cols = H, &L.gate_proj;
+    if (rest == "mlp.up_proj.weight") return rows = I, cols = H, &L.up_proj;
+    if (rest == "mlp.down_proj.weight") return rows = H, cols = I, &L.down_proj;
+    return nullptr;
+}
+
+std::vector<float>* Qwen2Model::find_vector(const std::string& name, int& len) {
+    const int H = cfg_.hidden_size;
+    const int QD = cfg_.num_heads * cfg_.head_dim, KVD = cfg_.num_kv_heads * cfg_.head_dim;
+    if (name == "model.norm.weight") return len = H, &norm_;
+    int layer = -1, used = 0;
+    if (std::sscanf(name.c_str(), "model.layers.%d.%n", &layer, &used) != 1 || used == 0) return nullptr;
+    if (layer < 0 || layer >= cfg_.num_layers) return nullptr;
+    LayerWeights& L = layers_[layer];
+    const std::string rest = name.substr(used);
+    if (rest == "input_layernorm.weight") return len = H, &L.input_layernorm;
+    if (rest == "post_attention_layernorm.weight") return len = H, &L.post_attention_layernorm;
+    if (rest == "self_attn.q_proj.bias") return len = QD, &L.q_bias;
+    if (rest == "self_attn.k_proj.bias") return len = KVD, &L.k_bias;
+    if (rest == "self_attn.v_proj.bias") return len = KVD, &L.v_bias;
+    return nullptr;
+}
+
+// Converts n elements of `src` (in dtype `from`) to `to`, in parallel.
+static void convert(const void* src, DType from, void* dst, DType to, size_t n, int threads) {
+    const auto* s16 = static_cast<const uint16_t*>(src);
+    const auto* s32 = static_cast<const float*>(src);
+    auto* d16 = static_cast<uint16_t*>(dst);
+    auto* d32 = static_cast<float*>(dst);
+    auto load = [&](size_t i) -> float {
+        switch (from) {
+            case DType::F32: return s32[i];
+            case DType::BF16: return bf16_to_f32(s16[i]);
+            default: return f16_to_f32(s16[i]);
+        }
+    };
+    const int64_t N = int64_t(n);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        if (to == DType::F32)
+            d32[i] = load(size_t(i));
+        else
+            d16[i] = from == DType::BF16 ? s16[i] : f32_to_bf16(load(size_t(i)));
+    }
+}
+
+bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
+                            size_t nbytes, bool may_borrow) {
+    int rows = 0, cols = 0, len = 0;
+    Matrix* m = find_matrix(name, rows, cols);
+    std::vector<float>* v = m ? nullptr : find_vector(name, len);
+    if (!m && !v) throw InvalidArgument("unexpected tensor '" + name + "' for this Qwen2 config");
+    if (name == "lm_head.weight" && cfg_.tie_word_embeddings) return false;  // tied: the embedding serves
+
+    auto shape_str = [](const std::vector<int64_t>& s) {
+        std::string out = "[";
+        for (size_t i = 0; i < s.size(); i++) out += (i ? ", " : "") + std::to_string(s[i]);
+        return out + "]";
+    };
+    const std::vector<int64_t> want = m ? std::vector<int64_t>{rows, cols} : std::vector<int64_t>{len};
+    if (shape != want)
+        throw InvalidArgument("tensor '" + name + "' has shape " + shape_str(shape) + ", the config implies " +
+                              shape_str(want));
+    const size_t count = m ? size_t(rows) * size_t(cols) : size_t(len);
+    if (!data || nbytes < checked_mul(count, dtype_size(src)))
+        throw InvalidArgument("tensor '" + name + "' holds " + std::to_string(nbytes) + " bytes, needs " +
+                              std::to_string(count * dtype_size(src)));
+
+    if (v) {
+        v->assign(count, 0.f);
+        convert(data, src, v->data(), DType::F32, count, threads_);
+        return false;
+    }
+    m->rows = rows;
+    m->cols = cols;
+    m->dtype = dtype_;
+    const size_t align = dtype_size(dtype_);
+    if (may_borrow && src == dtype_ && reinterpret_cast<uintptr_t>(data) % align == 0) {
+        m->owned = AlignedBuffer();
+        m->data = data;
+        return true;
+    }
+    m->owned = AlignedBuffer(checked_mul(count, dtype_size(dtype_)));
+    convert(data, src, m->owned.data(), dtype_, count, threads_);
+    m->data = m->owned.data();
+    return false;
+}
+
+std::vector<std::string> Qwen2Model::missing_tensors() const {
+    std::vector<std::string> out;
+    if (!embed_tokens_.data) out.push_back("model.embed_tokens.weight");
+    for (int l = 0; l < cfg_.num_layers; l++) {
+        const LayerWeights& L = layers_[l];
+        const std::string p = "model.layers." + std::to_string(l) + ".";
+        if (L.input_layernorm.empty()) out.push_back(p + "input_layernorm.weight");
+        if (!L.q_proj.data) out.push_back(p + "self_attn.q_proj.weight");
+        if (!L.k_proj.data) out.push_back(p + "self_attn.k_proj.weight");
+        if (!L.v_proj.data) out.push_back(p + "self_attn.v_proj.weight");
+        if (L.q_bias.empty()) out.push_back(p + "self_attn.q_proj.bias");
+        if (L.k_bias.empty()) out.push_back(p + "self_attn.k_proj.bias");
+        if (L.v_bias.empty()) out.push_back(p + "self_attn.v_proj.bias");
+        if (!L.o_proj.data) out.push_back(p + "self_attn.o_proj.weight");
+        if (L.post_attention_layernorm.empty()) out.push_back(p + "post_attention_layernorm.weight");
+        if (!L.gate_proj.data) out.push_back(p + "mlp.gate_proj.weight");
+        if (!L.up_proj.data) out.push_back(p + "mlp.up_proj.weight");
+        if (!L.down_proj.data) out.push_back(p + "mlp.down_proj.weight");
+    }
+    if (norm_.empty()) out.push_back("model.norm.weight");
+    if (!cfg_.tie_word_embeddings && !lm_head_.data) out.push_back("lm_head.weight");
+    return out;
+}
+
+size_t Qwen2Model::weight_bytes() const {
+    auto mb = [](const Matrix& m) { return size_t(m.rows) * m.cols * dtype_size(m.dtype); };
+    size_t total = mb(embed_tokens_) + mb(lm_head_) + norm_.size() * 4;
+    for (const LayerWeights& L : layers_)
+        total += mb(L.q_proj) + mb(L.k_proj) + mb(L.v_proj) + mb(L.o_proj) + mb(L.gate_proj) + mb(L.up_proj) +
+                 mb(L.down_proj) +
+                 4 * (L.input_layernorm.size() + L.post_attention_layernorm.size() + L.q_bias.size() +
+                      L.k_bias.size() + L.v_bias.size());
+    return total;
+}
+
+void Qwen2Model::embed(int token, float* out) const {
+    const size_t H = cfg_.hidden_size;
+    if (embed_tokens_.dtype == DType::F32) {
+        std::memcpy(out, static_cast<const float*>(embed_tokens_.data) + size_t(token) * H, H * 4);
+    } else {
+        const uint16_t* row = static_cast<const uint16_t*>(embed_tokens_.data) + size_t(token) * H;
+        for (size_t i = 0; i < H; i++) out[i] = bf16_to_f32(row[i]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+void Qwen2Model::forward(const int32_t* tokens, int n, int start_pos, bool all_logits, float* logits,
+                         const std::function<bool()>& interrupted) {
+    if (n < 1) throw InvalidArgument("forward needs at least one token");
+    if (start_pos < 0 || start_pos > cache_len())
+        throw InvalidArgument("start_pos " + std::to_string(start_pos) + " is past the " + std::to_string(cache_len()) +
+                              " cached positions; it must be in 0.." + std::to_string(cache_len()));
+    if (int64_t(start_pos) + n > max_context_)
+        throw ContextOverflow("positions " + std::to_string(start_pos) + ".." + std::to_string(int64_t(start_pos) + n - 1) +
+                              " do not fit max_context=" + std::to_string(max_context_));
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
+            throw InvalidArgument("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+                                  " is outside the vocabulary (0.." + std::to_string(cfg_.vocab_size - 1) + ")");
+    if (!missing_tensors().empty()) throw InvalidArgument("weights missing: " + missing_tensors().front());
+
+    // Positions from start_pos on are about to be overwritten; a chunk counts once it is done, so
+    // after an interruption the cache holds exactly the chunks that finished.
+    tokens_.resize(size_t(start_pos));
+    for (int c0 = 0; c0 < n; c0 += kChunk) {
+        const int nc = std::min(kChunk, n - c0);
+        const bool last_chunk = c0 + nc == n;
+        float* out = all_logits ? logits + size_t(c0) * cfg_.vocab_size : (last_chunk ? logits : nullptr);
+        forward_chunk(tokens + c0, nc, start_pos + c0, out, all_logits, interrupted);
+        tokens_.insert(tokens_.end(), tokens + c0, tokens + c0 + nc);
+    }
+}
+
+void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
+                               const std::function<bool()>& interrupted) {
+    const Kernels& K = active_kernels();
+    const Qwen2Config& c = cfg_;
+    const int H = c.hidden_size, I = c.intermediate_size, D = c.head_dim, half = D / 2;
+    const int QD = c.num_heads * D, KVD = c.num_kv_heads * D, G = c.num_heads / c.num_kv_heads;
+    const float eps = c.rms_norm_eps;
+    const float scale = float(1.0 / std::sqrt(double(D)));
+    float *x = f32(s_.x), *xn = f32(s_.xn), *q = f32(s_.q), *k = f32(s_.k), *v = f32(s_.v);
+    float *att = f32(s_.att), *proj = f32(s_.proj), *gate = f32(s_.gate), *up = f32(s_.up), *rope = f32(s_.rope);
+    bool stop = false;
+
+#pragma omp parallel num_threads(threads_)
+    {
+        const Team team;
+        int a, b;
+
+        // Token embeddings, and cos|sin of each position as transformers computes them in float32:
+        // inv_freq = 1 / theta^(2i/D), angle = position * inv_freq.
+        for (int t = team.tid; t < n; t += team.nth) {
+            embed(tokens[t], x + size_t(t) * H);
+            float* cs = rope + size_t(t) * D;
+            for (int i = 0; i < half; i++) {
+                const float inv_freq = 1.0f / std::pow(float(c.rope_theta), float(2 * i) / float(D));
+                const float angle = float(pos0 + t) * inv_freq;
+                cs[i] = float(std::cos(double(angle)));
+                cs[half + i] = float(std::sin(double(angle)));
+            }
+        }
+        team.sync();
+
+        for (int l = 0; l < c.num_layers; l++) {
+            const LayerWeights& w = layers_[l];
+
+            // --- self-attention ---
+            for (int t = team.tid; t < n; t += team.nth)
+                K.rmsnorm(x + size_t(t) * H, w.input_layernorm.data(), eps, H, xn + size_t(t) * H);
+            team.sync();
+
+            // q, k, v projections with their biases; a thread owns whole heads, so it applies RoPE
+            // to its own heads and writes its k and v heads into the cache without waiting.
+            team.split(QD, D, a, b);
+            matmul_rows(K, xn, n, w.q_proj, w.q_bias.data(), q, QD, a, b);
+            for (int t = 0; t < n; t++)
+                for (int h = a / D; h < b / D; h++) K.rope(q + size_t(t) * QD + h * D, rope + size_t(t) * D, rope + size_t(t) * D + half, half);
+            team.split(KVD, D, a, b);
+            matmul_rows(K, xn, n, w.k_proj, w.k_bias.data(), k, KVD, a, b);
+            matmul_rows(K, xn, n, w.v_proj, w.v_bias.data(), v, KVD, a, b);
+            for (int h = a / D; h < b / D; h++) {
+                float* kc = cache_.keys(l, h) + size_t(pos0) * D;
+                float* vc = cache_.values(l, h) + size_t(pos0) * D;
+                for (int t = 0; t < n; t++) {
+                    float* kt = k + size_t(t) * KVD + h * D;
+                    K.rope(kt, rope + size_t(t) * D, rope + size_t(t) * D + half, half);
+                    std::memcpy(kc + size_t(t) * D, kt, D * sizeof(float));
+                    std::memcpy(vc + size_t(t) * D, v + size_t(t) * KVD + h * D, D * sizeof(float));
+                }
+            }
+            team.sync();
+
+            // Causal grouped-query attention: token t sees positions 0..pos0+t. One work item is a
+            // (KV head, token) pair and covers the G query heads that share the KV head.
+            float* scores = f32(s_.scores) + size_t(team.tid) * G * max_context_;
+            for (int item = team.tid; item < c.num_kv_heads * n; item += team.nth) {
+                const int h = item % c.num_kv_heads, t = item / c.num_kv_heads;
+                const size_t off = size_t(t) * QD + size_t(h) * G * D;
+                K.attention(q + off, G, D, cache_.keys(l, h), cache_.values(l, h), pos0 + t + 1, scale, scores,
+                            att + off);
+            }
+            team.sync();
+
+            team.split(H, 16, a, b);
+            matmul_rows(K, att, n, w.o_proj, nullptr, proj, H, a, b);
+            team.sync();
+
+            // residual, then the MLP's input norm
+            for (int t = team.tid; t < n; t += team.nth) {
+                K.add(x + size_t(t) * H, proj + size_t(t) * H, H);
+                K.rmsnorm(x + size_t(t) * H, w.post_attention_layernorm.data(), eps, H, xn + size_t(t) * H);
+            }
+            team.sync();
+
+            // --- MLP: down(silu(gate(x)) * up(x)); a thread's gate and up columns are its own, so
+            // it applies silu * up to them at once.
+            team.split(I, 16, a, b);
+            matmul_rows(K, xn, n, w.gate_proj, nullptr, gate, I, a, b);
+            matmul_rows(K, xn, n, w.up_proj, nullptr, up, I, a, b);
+            if (a < b)
+                for (int t = 0; t < n; t++)
+                    K.silu_mul(gate + size_t(t) * I + a, up + size_t(t) * I + a, b - a, gate + size_t(t) * I + a);
+            team.sync();
+
+            team.split(H, 16, a, b);
+            matmul_rows(K, gate, n, w.down_proj, nullptr, proj, H, a, b);
+            team.sync();
+
+            for (int t = team.tid; t < n; t += team.nth) K.add(x + size_t(t) * H, proj + size_t(t) * H, H);
+            if (team.tid == 0 && interrupted && interrupted()) stop = true;
+            team.sync();
+            if (stop) break;
+        }
+
+        // --- final norm and lm_head, only for the rows whose logits were asked for ---
+        if (!stop && logits) {
+            const int r0 = all_logits ? 0 : n - 1;
+            const int nr = n - r0;
+            for (int t = r0 + team.tid; t < n; t += team.nth)
+                K.rmsnorm(x + size_t(t) * H, norm_.data(), eps, H, xn + size_t(t) * H);
+            team.sync();
+            team.split(c.vocab_size, 16, a, b);
+            matmul_rows(K, xn + size_t(r0) * H, nr, lm_head(), nullptr, logits, c.vocab_size, a, b);
+        }
+    }
+    if (stop) throw Interrupted();
+}
+
+}  // namespace qwen2rt

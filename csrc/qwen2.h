@@ -1,0 +1,134 @@
+// The Qwen2 decoder: configuration, weights, KV cache and the forward pass.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace qwen2rt {
+
+struct Qwen2Config {
+    int vocab_size = 0;
+    int hidden_size = 0;
+    int intermediate_size = 0;
+    int num_layers = 0;
+    int num_heads = 0;
+    int num_kv_heads = 0;
+    int head_dim = 0;
+    float rms_norm_eps = 1e-6f;
+    double rope_theta = 10000.0;
+    bool tie_word_embeddings = false;
+};
+
+// A row-major [rows, cols] weight matrix in f32 or bf16 (a torch Linear weight: one row per output).
+// `data` points either into `owned` or into memory the caller keeps alive (a mapped file).
+struct Matrix {
+    DType dtype = DType::F32;
+    int rows = 0, cols = 0;
+    const void* data = nullptr;
+    AlignedBuffer owned;
+};
+
+struct LayerWeights {
+    std::vector<float> input_layernorm;
+    Matrix q_proj, k_proj, v_proj;
+    std::vector<float> q_bias, k_bias, v_bias;
+    Matrix o_proj;
+    std::vector<float> post_attention_layernorm;
+    Matrix gate_proj, up_proj, down_proj;
+};
+
+// Keys and values of every layer for max_context positions, allocated once (pages are only made
+// resident as positions are written). Layout [layer][kv_head][position][head_dim], so that the
+// attention for one KV head reads one contiguous block.
+class KVCache {
+  public:
+    KVCache() = default;
+    KVCache(int layers, int kv_heads, int head_dim, int max_context);
+    float* keys(int layer, int head) { return k_.as<float>() + offset(layer, head); }
+    float* values(int layer, int head) { return v_.as<float>() + offset(layer, head); }
+    static size_t bytes_needed(int layers, int kv_heads, int head_dim, int max_context);
+    size_t bytes() const { return k_.size() + v_.size(); }
+    int max_context() const { return max_context_; }
+
+  private:
+    size_t offset(int layer, int head) const {
+        return (size_t(layer) * kv_heads_ + head) * size_t(max_context_) * head_dim_;
+    }
+    int kv_heads_ = 0, head_dim_ = 0, max_context_ = 0;
+    AlignedBuffer k_, v_;
+};
+
+class Qwen2Model {
+  public:
+    // Checks the configuration (throws InvalidArgument) and allocates the KV cache and scratch.
+    Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, int max_context);
+
+    // Hands over one tensor under its Hugging Face name ("model.layers.3.self_attn.q_proj.weight").
+    // The shape must be the one the config implies and `nbytes` must cover it. When `may_borrow`
+    // and the tensor is already in the model's dtype, the model keeps pointing at `data` (the caller
+    // keeps it alive) and returns true; otherwise it converts into memory of its own and returns false.
+    bool set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
+                    size_t nbytes, bool may_borrow);
+    // Names of the tensors still missing (empty when the model is ready).
+    std::vector<std::string> missing_tensors() const;
+
+    // Runs `n` tokens at positions start_pos.. through the decoder; they attend to every cached
+    // position before them. Writes float32 logits for every token (all_logits, n rows) or for the
+    // last one (one row) to `logits`, each row vocab_size long. `interrupted`, if set, is polled
+    // between layers; when it returns true the pass stops and Interrupted is thrown.
+    void forward(const int32_t* tokens, int n, int start_pos, bool all_logits, float* logits,
+                 const std::function<bool()>& interrupted = {});
+
+    void reset() { tokens_.clear(); }
+    // How many positions of the cache hold valid keys and values, and the token at each.
+    int cache_len() const { return int(tokens_.size()); }
+    const std::vector<int32_t>& cached_tokens() const { return tokens_; }
+    int max_context() const { return max_context_; }
+    int threads() const { return threads_; }
+    DType dtype() const { return dtype_; }
+    const Qwen2Config& config() const { return cfg_; }
+    size_t weight_bytes() const;
+    size_t kv_cache_bytes() const { return cache_.bytes(); }
+
+    // Tokens a single pass processes at once; longer prompts go through in chunks of this size.
+    static constexpr int kChunk = 256;
+
+  private:
+    void forward_chunk(const int32_t* tokens, int n, int start_pos, float* logits, bool all_logits,
+                       const std::function<bool()>& interrupted);
+    void embed(int token, float* out) const;
+    Matrix* find_matrix(const std::string& name, int& rows, int& cols);
+    std::vector<float>* find_vector(const std::string& name, int& len);
+    const Matrix& lm_head() const { return cfg_.tie_word_embeddings ? embed_tokens_ : lm_head_; }
+
+    Qwen2Config cfg_;
+    DType dtype_;
+    int threads_;
+    int max_context_;
+    std::vector<int32_t> tokens_;  // capacity max_context, reserved once
+
+    Matrix embed_tokens_;
+    std::vector<LayerWeights> layers_;
+    std::vector<float> norm_;
+    Matrix lm_head_;
+
+    KVCache cache_;
+
+    // Activations for one chunk, allocated once: the forward pass allocates nothing.
+    struct Scratch {
+        AlignedBuffer x;        // residual stream        [chunk, hidden]
+        AlignedBuffer xn;       // normed input of a block [chunk, hidden]
+        AlignedBuffer q, k, v;  // projections            [chunk, heads * head_dim]
+        AlignedBuffer att;      // attention output       [chunk, heads * head_dim]
+        AlignedBuffer proj;     // o_proj / down_proj out [chunk, hidden]
+        AlignedBuffer gate, up; // MLP                    [chunk, intermediate]
+        AlignedBuffer rope;     // cos | sin per position [chunk, head_dim]
+        AlignedBuffer scores;   // attention scores       [threads, group, max_context]
+    } s_;
+};
+
+}  // namespace qwen2rt

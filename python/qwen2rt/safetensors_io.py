@@ -1,0 +1,140 @@
+"""A safetensors reader that maps the file and checks every size and offset before use.
+
+Tensors come back as numpy views of the mapped file (no copy); bf16 tensors are uint16 arrays of
+their bit patterns, since numpy has no bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import FormatError, ModelNotFoundError
+
+MAX_HEADER_BYTES = 100 << 20
+
+# safetensors dtype -> (numpy dtype of the view, qwen2rt dtype name or None if not a weight dtype)
+DTYPES: dict[str, tuple[np.dtype, str | None]] = {
+    "F32": (np.dtype("<f4"), "f32"),
+    "BF16": (np.dtype("<u2"), "bf16"),
+    "F16": (np.dtype("<f2"), "f16"),
+    "F64": (np.dtype("<f8"), None),
+    "I64": (np.dtype("<i8"), None),
+    "U64": (np.dtype("<u8"), None),
+    "I32": (np.dtype("<i4"), None),
+    "U32": (np.dtype("<u4"), None),
+    "I16": (np.dtype("<i2"), None),
+    "U16": (np.dtype("<u2"), None),
+    "I8": (np.dtype("i1"), None),
+    "U8": (np.dtype("u1"), None),
+    "BOOL": (np.dtype("u1"), None),
+    "F8_E4M3": (np.dtype("u1"), None),
+    "F8_E5M2": (np.dtype("u1"), None),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # byte offsets in the data section
+    end: int
+
+
+class SafetensorsFile:
+    """One .safetensors file, mapped read-only."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            size = os.path.getsize(self.path)
+        except OSError as e:
+            raise ModelNotFoundError(f"{self.path}: not found") from e
+        if size < 8:
+            raise FormatError(f"{self.path}: {size} bytes is too short for a safetensors file")
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:
+                raise FormatError(f"{self.path}: header length {n} runs past the end of the {size}-byte file")
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(f"{self.path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise FormatError(f"{self.path}: header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise FormatError(f"{self.path}: header is not a JSON object")
+
+        self.data_start = 8 + n
+        data_size = size - self.data_start
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise FormatError(f"{self.path}: __metadata__ is not an object")
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
+
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, info in header.items():
+            self.tensors[name] = self._check_entry(name, info)
+        # Tensors must tile the data section exactly: no overlap, no hole, nothing past the end.
+        pos = 0
+        for t in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
+            if t.begin != pos:
+                what = "overlaps the previous tensor" if t.begin < pos else "leaves a gap before it"
+                raise FormatError(f"{self.path}: tensor {t.name!r} at offset {t.begin} {what} (expected {pos})")
+            pos = t.end
+        if pos != data_size:
+            raise FormatError(
+                f"{self.path}: tensors cover {pos} bytes but the data section holds {data_size}"
+                + (" (file truncated?)" if pos > data_size else "")
+            )
+        self._mm: mmap.mmap | None = None
+        if data_size > 0:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def _check_entry(self, name: str, info: object) -> TensorInfo:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise FormatError(f"{where}: entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise FormatError(f"{where}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if len(shape) > 8:
+            raise FormatError(f"{where}: {len(shape)} dimensions")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise FormatError(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        nbytes = math.prod(shape) * DTYPES[dtype][0].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise FormatError(
+                f"{where}: shape {shape} x {dtype} is {nbytes} bytes but data_offsets span {offsets[1] - offsets[0]}"
+            )
+        return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor as a read-only numpy view of the mapped file (bf16 as uint16 bits)."""
+        t = self.tensors[name]
+        np_dtype = DTYPES[t.dtype][0]
+        count = math.prod(t.shape)
+        if count == 0 or self._mm is None:
+            return np.zeros(t.shape, dtype=np_dtype)
+        a = np.frombuffer(self._mm, dtype=np_dtype, count=count, offset=self.data_start + t.begin).reshape(t.shape)
+        if not a.flags.aligned:
+            a = a.copy()  # C++ reads typed elements: give it naturally aligned memory
+        return a

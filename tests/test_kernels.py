@@ -1,0 +1,133 @@
+"""Every kernel of every ISA path this machine has, against a float64 numpy reference, on odd sizes."""
+
+import numpy as np
+import pytest
+
+from qwen2rt import _core
+
+ISAS = _core.available_isas()
+rng = np.random.default_rng(1234)
+
+
+def bf16_bits(a):
+    """float32 -> bf16 bit patterns (round to nearest even), and the float32 values they hold."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def close(got, want, rtol=1e-5):
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 3, 5, 17, 33, 70])
+@pytest.mark.parametrize("K", [1, 7, 16, 17, 33, 100])
+@pytest.mark.parametrize("N", [1, 3, 9, 17])
+def test_matmul_f32(isa, M, K, N):
+    X = rng.standard_normal((M, K)).astype(np.float32)
+    W = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    want = X.astype(np.float64) @ W.T.astype(np.float64)
+    close(_core.kernels.matmul(isa, X, W), want)
+    close(_core.kernels.matmul(isa, X, W, b), want + b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 3, 5, 17, 33])
+@pytest.mark.parametrize("K", [1, 15, 16, 33, 130])
+@pytest.mark.parametrize("N", [1, 4, 11, 21])
+def test_matmul_bf16(isa, M, K, N):
+    X = rng.standard_normal((M, K)).astype(np.float32)
+    bits, Wf = bf16_bits(rng.standard_normal((N, K)))
+    b = rng.standard_normal(N).astype(np.float32)
+    want = X.astype(np.float64) @ Wf.T.astype(np.float64) + b
+    close(_core.kernels.matmul(isa, X, bits, b), want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_matmul_large(isa):
+    # more tokens than one 64-token block, more rows than one tile sweep
+    X = rng.standard_normal((130, 300)).astype(np.float32)
+    W = rng.standard_normal((75, 300)).astype(np.float32)
+    close(_core.kernels.matmul(isa, X, W), X.astype(np.float64) @ W.T.astype(np.float64))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("n", [1, 7, 16, 33, 896])
+def test_rmsnorm(isa, rows, n):
+    x = (3 * rng.standard_normal((rows, n))).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    eps = 1e-6
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64**2).mean(axis=1, keepdims=True) + eps) * w
+    close(_core.kernels.rmsnorm(isa, x, w, eps), want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("half", [1, 3, 8, 32, 33])
+def test_rope(isa, rows, half):
+    x = rng.standard_normal((rows, 2 * half)).astype(np.float32)
+    ang = rng.uniform(-100, 100, (rows, half))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    x1, x2 = x[:, :half].astype(np.float64), x[:, half:].astype(np.float64)
+    # rotate_half layout, as transformers: x*cos + rotate_half(x)*sin
+    want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1)
+    close(_core.kernels.rope(isa, x, cos, sin), want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 100, 4864])
+def test_silu_mul(isa, n):
+    g = (4 * rng.standard_normal(n)).astype(np.float32)
+    g[: min(n, 4)] = [-100.0, 100.0, 0.0, -20.0][: min(n, 4)]
+    u = rng.standard_normal(n).astype(np.float32)
+    g64 = g.astype(np.float64)
+    want = g64 / (1 + np.exp(-g64)) * u
+    close(_core.kernels.silu_mul(isa, g, u), want, rtol=2e-6)
+
+
+def attention_ref(q, K, V, scale):
+    s = scale * (q.astype(np.float64) @ K.T.astype(np.float64))
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return p @ V.astype(np.float64)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("G", [1, 2, 7])
+@pytest.mark.parametrize("D", [6, 16, 24, 64])
+@pytest.mark.parametrize("T", [1, 3, 17, 200])
+def test_attention(isa, G, D, T):
+    q = (2 * rng.standard_normal((G, D))).astype(np.float32)
+    K = (2 * rng.standard_normal((T, D))).astype(np.float32)
+    V = rng.standard_normal((T, D)).astype(np.float32)
+    scale = 1 / np.sqrt(D)
+    close(_core.kernels.attention(isa, q, K, V, scale), attention_ref(q, K, V, scale))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_peaked(isa):
+    # one key dominates: softmax must not overflow, and the output must be that key's value
+    D, T = 64, 50
+    K = rng.standard_normal((T, D)).astype(np.float32)
+    V = rng.standard_normal((T, D)).astype(np.float32)
+    q = (K[17] * 40).astype(np.float32)[None]
+    got = _core.kernels.attention(isa, q, K, V, 1.0)
+    assert np.isfinite(got).all()
+    close(got, attention_ref(q, K, V, 1.0))
+
+
+def test_isa_paths_listed():
+    assert ISAS[0] == "generic"
+    assert _core.active_isa() in ISAS
+
+
+def test_unknown_isa_is_refused():
+    import qwen2rt
+
+    with pytest.raises(qwen2rt.InvalidInputError, match="not available"):
+        qwen2rt.set_isa("sse9")

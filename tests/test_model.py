@@ -1,0 +1,115 @@
+"""The C++ forward pass against transformers' Qwen2ForCausalLM on small random checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+
+import qwen2rt
+from tiny_model import make_checkpoint
+
+# (shape, tied embeddings, file dtype, sharded safetensors)
+CASES = {
+    "gqa-f32": ("gqa", False, torch.float32, False),
+    "gqa-tied-sharded": ("gqa", True, torch.float32, True),
+    "gqa-bf16-sharded": ("gqa", False, torch.bfloat16, True),
+    "mha-f32": ("mha", False, torch.float32, False),
+    "mha-tied-bf16": ("mha", True, torch.bfloat16, False),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def checkpoint(request, tmp_path_factory):
+    shape, tie, dtype, shard = CASES[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    ref = make_checkpoint(folder, shape=shape, tie=tie, dtype=dtype, shard=shard)
+    return folder, ref, dtype
+
+
+def rel_err(got, want):
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def reference_logits(ref, ids):
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_checkpoint_layout(checkpoint):
+    folder, ref, dtype = checkpoint
+    sharded = (folder / "model.safetensors.index.json").exists()
+    assert sharded or (folder / "model.safetensors").exists()
+
+
+def test_prefill_then_decode_matches_transformers(checkpoint, isa):
+    """Prefill of 45 tokens, then 12 decode steps through the KV cache: every logit row within 1e-4
+    (relative to the largest logit) of transformers' float32 logits."""
+    folder, ref, file_dtype = checkpoint
+    # f32 weights; a bf16 file also runs as bf16 in memory: the same numbers, computed in f32.
+    dtypes = ["f32"] + (["bf16"] if file_dtype == torch.bfloat16 else [])
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, ref.config.vocab_size, 57).tolist()
+    want = reference_logits(ref, ids)
+    for dtype in dtypes:
+        m = qwen2rt.Model(folder, dtype=dtype, max_context=128)
+        rows = [m.forward(ids[:45], all_logits=True)]
+        for i in range(45, 57):
+            rows.append(m.forward([ids[i]], start_pos=i)[None])
+        got = np.concatenate(rows)
+        assert got.shape == want.shape
+        assert rel_err(got, want) < 1e-4, (dtype, rel_err(got, want))
+        assert m.cache_len == 57
+
+
+def test_long_prompt_in_chunks(checkpoint):
+    """A prompt longer than one 256-token chunk: chunks attend to the ones before them."""
+    folder, ref, _ = checkpoint
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, ref.config.vocab_size, 300).tolist()
+    want = reference_logits(ref, ids)
+    m = qwen2rt.Model(folder, dtype="f32")
+    got = m.forward(ids, all_logits=True)
+    assert rel_err(got, want) < 1e-4
+    last = m.forward(ids[:299] + [ids[299]], start_pos=0)
+    assert rel_err(last, want[-1]) < 1e-4
+
+
+def test_bf16_weights_from_f32_file(checkpoint):
+    """dtype='bf16' rounds f32 weights: close to, not equal to, the f32 model."""
+    folder, ref, file_dtype = checkpoint
+    if file_dtype != torch.float32:
+        pytest.skip("the file is already bf16")
+    ids = np.random.default_rng(9).integers(0, ref.config.vocab_size, 40).tolist()
+    want = reference_logits(ref, ids)
+    got = qwen2rt.Model(folder, dtype="bf16").forward(ids, all_logits=True)
+    assert rel_err(got, want) < 3e-2
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_greedy_generation_matches_transformers(checkpoint, isa):
+    folder, ref, _ = checkpoint
+    prompt = np.random.default_rng(10).integers(0, ref.config.vocab_size - 10, 20).tolist()
+    eos = list(ref.config.eos_token_id)
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
+        )[0, len(prompt) :].tolist()
+    if out and out[-1] in eos:
+        out = out[:-1]
+    m = qwen2rt.Model(folder, dtype="f32")
+    r = m.generate(prompt, max_new_tokens=32, temperature=0)
+    assert r.token_ids == out
+    assert r.finish_reason == ("length" if len(out) == 32 else "stop")
+
+
+def test_rewinding_start_pos_reuses_the_prefix(checkpoint):
+    folder, ref, _ = checkpoint
+    ids = np.random.default_rng(11).integers(0, ref.config.vocab_size, 30).tolist()
+    other = np.random.default_rng(12).integers(0, ref.config.vocab_size, 10).tolist()
+    m = qwen2rt.Model(folder, dtype="f32")
+    m.forward(ids[:20] + other)  # cache a different continuation
+    got = m.forward(ids[20:], start_pos=20, all_logits=True)  # overwrite it from position 20
+    want = reference_logits(ref, ids)[20:]
+    assert rel_err(got, want) < 1e-4
+    assert m.cache_len == 30
+    m.reset()
+    assert m.cache_len == 0
