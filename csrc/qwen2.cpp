@@ -166,26 +166,30 @@ std::vector<float>* Qwen2Model::find_vector(const std::string& name, int& len) {
     return nullptr;
 }
 
-// Converts n elements of `src` (in dtype `from`) to `to`, in parallel.
+// Converts n elements of `src` (in dtype `from`) to `to`, in parallel. One plain loop per pair of
+// types, so that each vectorises.
 static void convert(const void* src, DType from, void* dst, DType to, size_t n, int threads) {
+    const int64_t N = int64_t(n);
     const auto* s16 = static_cast<const uint16_t*>(src);
     const auto* s32 = static_cast<const float*>(src);
     auto* d16 = static_cast<uint16_t*>(dst);
     auto* d32 = static_cast<float*>(dst);
-    auto load = [&](size_t i) -> float {
-        switch (from) {
-            case DType::F32: return s32[i];
-            case DType::BF16: return bf16_to_f32(s16[i]);
-            default: return f16_to_f32(s16[i]);
-        }
-    };
-    const int64_t N = int64_t(n);
+    if (from == to) {
+        std::memcpy(dst, src, n * dtype_size(to));
+    } else if (to == DType::F32 && from == DType::BF16) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < N; i++) {
-        if (to == DType::F32)
-            d32[i] = load(size_t(i));
-        else
-            d16[i] = from == DType::BF16 ? s16[i] : f32_to_bf16(load(size_t(i)));
+        for (int64_t i = 0; i < N; i++) d32[i] = bf16_to_f32(s16[i]);
+    } else if (to == DType::F32 && from == DType::F16) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < N; i++) d32[i] = f16_to_f32(s16[i]);
+    } else if (to == DType::BF16 && from == DType::F32) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < N; i++) d16[i] = f32_to_bf16(s32[i]);
+    } else if (to == DType::BF16 && from == DType::F16) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < N; i++) d16[i] = f32_to_bf16(f16_to_f32(s16[i]));
+    } else {
+        throw InvalidArgument(std::string("no conversion from ") + dtype_name(from) + " to " + dtype_name(to));
     }
 }
 

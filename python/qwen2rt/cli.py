@@ -1,4 +1,4 @@
-"""The qwen2rt command line: generate, info."""
+"""The qwen2rt command line: run, chat, generate, pull, info, perplexity."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ import time
 from .errors import Qwen2rtError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a Hugging Face model folder")
+def _add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", help="a Hugging Face model folder, a GGUF file, or a registry name")
+    else:
+        from .registry import DEFAULT_MODEL
+
+        p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"model folder, GGUF file or name (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f32"], help="weight type in memory (default bf16)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: the cores available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's)")
@@ -42,8 +47,13 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def _load(a: argparse.Namespace):
+    import os
+
+    from . import registry
     from .model import Model
 
+    if not os.path.exists(a.model):
+        registry.resolve(a.model)  # pull a registry model first, with a progress bar
     return Model(a.model, dtype=a.dtype, threads=a.threads, max_context=a.max_context)
 
 
@@ -82,6 +92,108 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return _stream(model, prompt, a)
 
 
+def _chat_messages(a: argparse.Namespace, prompt: str) -> list[dict]:
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    model = _load(a)
+    return _stream(model, _chat_messages(a, a.prompt), a)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    """An interactive multi-turn chat. Each turn re-renders the whole conversation; generate() finds
+    the cached prefix, so only the new tokens are prefilled."""
+    model = _load(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print(f"qwen2rt chat with {a.model} — /reset clears the conversation, /exit or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = model.generate(messages, stream=True, **_sampling_kwargs(a))
+        reply = []
+        try:
+            for piece in stream:
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()  # stop this answer, keep the conversation
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from . import registry
+
+    names = a.names or [registry.DEFAULT_MODEL]
+    for name in names:
+        path = registry.pull(name, force=a.force)
+        print(path)
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from . import registry
+
+    for name, m in registry.MODELS.items():
+        state = "pulled" if registry.is_pulled(name) else "not pulled"
+        print(f"{name:<32} {state:<11} {m.description}")
+    return 0
+
+
+def cmd_perplexity(a: argparse.Namespace) -> int:
+    from . import perplexity as ppl
+    from .model import Model
+
+    if a.max_context is None:
+        a.max_context = a.ctx  # one window at a time: no need for the model's full context
+    model = _load(a)
+    text = "".join(open(f, encoding="utf-8", errors="replace").read() for f in a.files)
+    ids = model.tokenize(text, add_special_tokens=False)
+    reference = None
+    if a.kl_divergence:
+        if a.kl_divergence.endswith(".npz"):
+            reference = ppl.saved_reference(a.kl_divergence)
+        else:
+            ref_model = Model(a.kl_divergence, dtype=a.ref_dtype, threads=a.threads, max_context=a.ctx)
+            reference = ppl.model_reference(ref_model)
+    kept: list | None = [] if a.save_logprobs else None
+
+    def progress(done: int, total: int) -> None:
+        if not a.json:
+            print(f"\rwindow {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    score = ppl.evaluate(model, ids, ctx=a.ctx, max_windows=a.windows, reference=reference,
+                         on_window=progress, keep_logprobs=kept)
+    if a.save_logprobs:
+        ppl.save_logprobs(a.save_logprobs, ids, a.ctx, kept)
+    if a.json:
+        print(json.dumps({"model": a.model, "dtype": a.dtype, **score.as_dict()}))
+        return 0
+    print(f"perplexity {score.perplexity:.4f} ± {score.perplexity_stderr:.4f} over {score.tokens} tokens "
+          f"({score.windows} windows of {score.ctx})")
+    if score.mean_kl is not None:
+        print(f"KL divergence vs {a.kl_divergence}: mean {score.mean_kl:.6f}, 99th percentile "
+              f"{score.p99_kl:.6f}, max {score.max_kl:.6f}; top-1 agreement {100 * score.top1_agreement:.2f}%")
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -93,10 +205,15 @@ def _human(n: float) -> str:
 def cmd_info(a: argparse.Namespace) -> int:
     import os
 
-    from . import system_info
+    from . import registry, system_info
+    from .checkpoint import GGUFCheckpoint
     from .config import Qwen2Config
 
-    cfg = Qwen2Config.from_file(os.path.join(a.model, "config.json"))
+    path = registry.resolve(a.model, pull_if_missing=False)
+    if os.path.isdir(path):
+        cfg = Qwen2Config.from_file(os.path.join(path, "config.json"))
+    else:
+        cfg = GGUFCheckpoint(path).config
     ctx = a.max_context or cfg.max_position_embeddings
     weights = cfg.weight_count()
     rows = {
@@ -127,6 +244,40 @@ def cmd_info(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2rt", description="Run Qwen2-architecture models on the CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="answer one chat message with the default (or given) model, streaming")
+    r.add_argument("prompt")
+    _add_model_args(r, positional=False)
+    r.add_argument("--system", default=None, help="system message")
+    r.add_argument("-v", "--verbose", action="store_true")
+    _add_sampling_args(r)
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_model_args(c, positional=False)
+    c.add_argument("--system", default=None, help="system message")
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    pl = sub.add_parser("pull", help="download a registry model into the cache (checked by sha256)")
+    pl.add_argument("names", nargs="*", help="model names (default: the default model)")
+    pl.add_argument("--force", action="store_true", help="download again even if present")
+    pl.set_defaults(func=cmd_pull)
+
+    ls = sub.add_parser("list", help="the registry's models and whether they are pulled")
+    ls.set_defaults(func=cmd_list)
+
+    pp = sub.add_parser("perplexity", help="perplexity (and KL divergence against a reference) over text files")
+    _add_model_args(pp)
+    pp.add_argument("files", nargs="+", help="text files (concatenated)")
+    pp.add_argument("--ctx", type=int, default=512, help="window length; the second half of each is scored")
+    pp.add_argument("--windows", type=int, default=None, help="at most this many windows")
+    pp.add_argument("--kl-divergence", metavar="REF", default=None,
+                    help="reference: a model (path or name, run with --ref-dtype) or an .npz of saved log-probs")
+    pp.add_argument("--ref-dtype", default="f32", choices=["bf16", "f32"])
+    pp.add_argument("--save-logprobs", metavar="NPZ", default=None, help="save this model's log-probs as a reference")
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(func=cmd_perplexity)
 
     g = sub.add_parser("generate", help="continue a prompt and stream the text")
     _add_model_args(g)

@@ -8,22 +8,17 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .config import Qwen2Config, read_json
+from .checkpoint import open_checkpoint
+from .config import Qwen2Config
 from .errors import (
     ContextLengthError,
     FormatError,
     InvalidInputError,
-    ModelNotFoundError,
     OutOfMemoryError,
-    UnsupportedModelError,
 )
 from .generation import Generation, IncrementalDetokenizer, SamplingSettings, StopStrings, TextStream
-from .safetensors_io import DTYPES, SafetensorsFile
-from .tokenizer import Tokenizer
 
 WEIGHT_DTYPES = ("bf16", "f32")
-# Tensors some checkpoints carry that the model recomputes itself.
-IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def default_threads() -> int:
@@ -55,62 +50,6 @@ def available_memory() -> int | None:
     return None
 
 
-class HFCheckpoint:
-    """A Hugging Face model folder: config, safetensors weights (single or sharded), tokenizer files."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.config = Qwen2Config.from_file(os.path.join(folder, "config.json"))
-        gen_path = os.path.join(folder, "generation_config.json")
-        self.generation_config: dict[str, Any] = {}
-        if os.path.exists(gen_path):
-            gc = read_json(gen_path)
-            if not isinstance(gc, dict):
-                raise FormatError(f"{gen_path}: expected a JSON object")
-            self.generation_config = gc
-        self.files = self._weight_files()
-
-    def _weight_files(self) -> dict[str, SafetensorsFile]:
-        """tensor name -> the file holding it."""
-        index = os.path.join(self.folder, "model.safetensors.index.json")
-        single = os.path.join(self.folder, "model.safetensors")
-        if os.path.exists(index):
-            data = read_json(index)
-            weight_map = data.get("weight_map") if isinstance(data, dict) else None
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise FormatError(f"{index}: no 'weight_map' object")
-            shards: dict[str, SafetensorsFile] = {}
-            where: dict[str, SafetensorsFile] = {}
-            for name, fname in weight_map.items():
-                if not isinstance(fname, str) or os.path.basename(fname) != fname or fname in ("", ".", ".."):
-                    raise FormatError(f"{index}: shard name {fname!r} for {name!r} is not a file name in the folder")
-                if fname not in shards:
-                    shards[fname] = SafetensorsFile(os.path.join(self.folder, fname))
-                if name not in shards[fname].tensors:
-                    raise FormatError(f"{index}: {name!r} is mapped to {fname}, which does not hold it")
-                where[name] = shards[fname]
-            return where
-        if os.path.exists(single):
-            f = SafetensorsFile(single)
-            return {name: f for name in f.names()}
-        others = sorted(n for n in os.listdir(self.folder) if n.endswith((".bin", ".pt", ".pth", ".gguf")))
-        hint = f" (found {', '.join(others)}; qwen2rt reads safetensors)" if others else ""
-        raise ModelNotFoundError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
-
-    def tensors(self) -> Iterator[tuple[str, np.ndarray, str]]:
-        """(name, array, qwen2rt dtype) for each weight, arrays mapped from the files."""
-        for name, f in self.files.items():
-            if name.endswith(IGNORED_TENSOR_SUFFIXES):
-                continue
-            info = f.tensors[name]
-            kind = DTYPES[info.dtype][1]
-            if kind is None:
-                raise UnsupportedModelError(
-                    f"{f.path}: tensor {name!r} has dtype {info.dtype}; qwen2rt reads F32, BF16 and F16 weights"
-                )
-            yield name, f.array(name), kind
-
-
 class Model:
     """A Qwen2-architecture model on the CPU.
 
@@ -128,15 +67,19 @@ class Model:
         path = os.fspath(path)
         if dtype not in WEIGHT_DTYPES:
             raise InvalidInputError(f"dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        registry_defaults: dict[str, Any] = {}
         if not os.path.exists(path):
-            raise ModelNotFoundError(f"{path}: no such model folder")
-        if not os.path.isdir(path):
-            raise UnsupportedModelError(f"{path}: not a Hugging Face model folder")
-        ckpt = HFCheckpoint(path)
+            # A registry name ("qwen2.5-coder-0.5b-instruct"): pulled on first use.
+            from . import registry
+
+            name = path
+            path = registry.resolve(name)  # raises ModelNotFoundError listing the known names
+            registry_defaults = registry.lookup(name).generation_config
+        ckpt = open_checkpoint(path)
         self.path = path
         self.config: Qwen2Config = ckpt.config
-        self.generation_config = ckpt.generation_config
-        self.tokenizer = Tokenizer.from_hf_folder(path)
+        self.generation_config = {**registry_defaults, **ckpt.generation_config}
+        self.tokenizer = ckpt.tokenizer
         self.dtype = dtype
 
         threads = default_threads() if threads is None else threads
@@ -149,7 +92,7 @@ class Model:
         self._check_memory(max_context)
 
         self._core = _core.Qwen2Model(self.config.core_dict(), dtype, threads, max_context)
-        for name, array, src in ckpt.tensors():
+        for name, array, src in ckpt.tensors(threads):
             try:
                 self._core.set_tensor(name, array, src, list(array.shape))
             except InvalidInputError as e:  # a tensor the config does not expect, or of the wrong shape

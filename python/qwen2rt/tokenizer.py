@@ -302,6 +302,8 @@ class Tokenizer:
         self._control_res: dict[str, re.Pattern] = {}  # control-token regex per template text
         self._chat_control_tokens: tuple[str, ...] | None = None
         self._template_origin = f"chat template of tokenizer {name!r}" if name else "chat template"
+        # Why there is no chat template, for the error message (set by the loaders)
+        self._missing_template_hint = f"neither {TOKENIZER_CONFIG_FILE} nor {CHAT_TEMPLATE_FILE} provides one"
         # Splits a chat rendered from marked inputs at the markers (see _encode_marked)
         self._markers_re = re.compile(
             f"{_MARK_START}({_alternation(c for c, _ in self._added_tokens)}){_MARK_END}|[{_MARK_START}{_MARK_END}]"
@@ -543,8 +545,8 @@ class Tokenizer:
         if self.chat_template is None:
             where = f"tokenizer {self.name!r}" if self.name else "this tokenizer"
             raise InvalidInputError(
-                f"{where} has no chat template (neither {TOKENIZER_CONFIG_FILE} nor {CHAT_TEMPLATE_FILE} provides "
-                "one), so chat messages can't be formatted; pass chat_template=... or use encode() on plain text"
+                f"{where} has no chat template ({self._missing_template_hint}), so chat messages can't be "
+                "formatted; pass chat_template=... or use encode() on plain text"
             )
         return self.chat_template, self._template_origin
 
