@@ -13,6 +13,7 @@
 
 #include "common.h"
 #include "cpu_features.h"
+#include "gguf_dequant.h"
 #include "kernels.h"
 #include "qwen2.h"
 #include "sampling.h"
@@ -255,6 +256,26 @@ PYBIND11_MODULE(_core, m) {
             },
             py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
             py::arg("repetition_penalty"), py::arg("history"), py::arg("u"));
+
+    m.def(
+        "dequantize_gguf",
+        [](int ggml_type, py::array_t<uint8_t, py::array::c_style> raw, int64_t n_elements, int threads) {
+            if (raw.ndim() != 1) throw InvalidArgument("dequantize_gguf: raw must be a 1-D uint8 array");
+            const size_t need = gguf_dequant_src_bytes(ggml_type, n_elements);  // checks type and count
+            if (size_t(raw.shape(0)) != need)
+                throw InvalidArgument("dequantize_gguf: expected " + std::to_string(need) + " bytes, got " +
+                                      std::to_string(raw.shape(0)));
+            py::array_t<float> out(static_cast<py::ssize_t>(n_elements));
+            const uint8_t* src = raw.data();
+            float* dst = out.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                dequantize_gguf(ggml_type, src, size_t(raw.shape(0)), dst, n_elements, threads);
+            }
+            return out;
+        },
+        py::arg("ggml_type"), py::arg("raw"), py::arg("n_elements"), py::arg("threads") = 1,
+        "Dequantize GGUF tensor bytes (F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K) to a new float32 1-D array.");
 
     // Single kernels, for the tests against numpy.
     py::module_ k = m.def_submodule("kernels", "Individual kernels of one ISA, for testing");

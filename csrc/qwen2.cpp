@@ -296,7 +296,11 @@ void Qwen2Model::forward(const int32_t* tokens, int n, int start_pos, bool all_l
         if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
             throw InvalidArgument("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
                                   " is outside the vocabulary (0.." + std::to_string(cfg_.vocab_size - 1) + ")");
-    if (!missing_tensors().empty()) throw InvalidArgument("weights missing: " + missing_tensors().front());
+    if (!ready_) {  // checked once: the decode loop allocates nothing
+        const std::vector<std::string> missing = missing_tensors();
+        if (!missing.empty()) throw InvalidArgument("weights missing: " + missing.front());
+        ready_ = true;
+    }
 
     // Positions from start_pos on are about to be overwritten; a chunk counts once it is done, so
     // after an interruption the cache holds exactly the chunks that finished.

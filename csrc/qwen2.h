@@ -110,6 +110,7 @@ class Qwen2Model {
     int threads_;
     int max_context_;
     std::vector<int32_t> tokens_;  // capacity max_context, reserved once
+    bool ready_ = false;           // every weight present (checked at the first forward)
 
     Matrix embed_tokens_;
     std::vector<LayerWeights> layers_;

@@ -8,7 +8,6 @@ on the real Qwen2.5-Coder-0.5B-Instruct GGUF (path from $QWEN2RT_GGUF, else the 
 
 import copy
 import inspect
-import json
 import os
 import re
 import sys
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from qwen2rt.errors import FormatError, InvalidInputError, UnsupportedModelError
 from qwen2rt.gguf_tokenizer import tokenizer_from_gguf
 from qwen2rt.tokenizer import Tokenizer
-from tiny_tokenizer import QWEN25_CHAT_TEMPLATE, write_tiny_tokenizer
+from tiny_tokenizer import QWEN25_CHAT_TEMPLATE, tiny_metadata
 
 DEFAULT_GGUF = "/root/.cache/qwen2rt-models/qwen2.5-coder-0.5b-instruct.gguf"
 
@@ -104,39 +103,6 @@ TINY_TEXTS = [
     "DON'T we'll It'S",
     "Café naïve Cafe\u0301",
 ]
-
-
-def tiny_metadata(folder):
-    """GGUF-style tokenizer metadata for the tiny tokenizer written into ``folder``, laid out like llama.cpp's
-    converter lays out Qwen2's (control tokens typed 3, the same bos/eos/pad choice)."""
-    write_tiny_tokenizer(folder)
-    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
-        data = json.load(f)
-    vocab = data["model"]["vocab"]
-    added = {token["id"]: token["content"] for token in data["added_tokens"]}
-    n = max([*vocab.values(), *added]) + 1
-    tokens = [None] * n
-    for token, index in vocab.items():
-        tokens[index] = token
-    types = [NORMAL] * n
-    for index, content in added.items():
-        tokens[index] = content
-        types[index] = CONTROL
-    assert None not in tokens
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    return {
-        "general.architecture": "qwen2",
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "qwen2",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"),
-        "tokenizer.ggml.padding_token_id": tokens.index("<|endoftext|>"),
-        "tokenizer.ggml.bos_token_id": tokens.index("<|endoftext|>"),
-        "tokenizer.ggml.add_bos_token": False,
-        "tokenizer.chat_template": QWEN25_CHAT_TEMPLATE,
-    }
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,9 @@ from tiny_tokenizer import write_tiny_tokenizer
 SHAPES = {
     "gqa": dict(hidden_size=84, num_attention_heads=14, num_key_value_heads=2, intermediate_size=200),
     "mha": dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=4, intermediate_size=172),
+    # GGUF block formats need rows of 32 (Q8_0, Q5_0, Q4_0) or 256 (the K-quants) values
+    "q32": dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2, intermediate_size=160),
+    "k256": dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, intermediate_size=512),
 }
 
 
@@ -75,3 +78,93 @@ def make_checkpoint(
         with open(os.path.join(folder, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos, **generation_config}, f)
     return model
+
+
+# Hugging Face name -> GGUF name (the inverse of qwen2rt.checkpoint.gguf_to_hf_name).
+def _gguf_name(hf: str) -> str:
+    from qwen2rt.checkpoint import _GGUF_GLOBAL, _GGUF_LAYER
+
+    for g, h in _GGUF_GLOBAL.items():
+        if h == hf:
+            return g
+    _, _, layer, rest = hf.split(".", 3)
+    return f"blk.{layer}." + next(g for g, h in _GGUF_LAYER.items() if h == rest)
+
+
+# The gguf package cannot quantize to the K formats, so K-quant test weights are random blocks:
+# random bytes with the f16 super-block scales (byte offset, value) set so weights stay small.
+K_QUANT_SCALES = {
+    "Q4_K": (144, [(0, 2e-4), (2, 2e-4)]),  # d, dmin at the start of each 144-byte block
+    "Q6_K": (210, [(208, 4e-5)]),  # d at the end of each 210-byte block
+}
+
+
+def random_k_blocks(shape, matrix_type: str, seed: int):
+    import numpy as np
+
+    block_bytes, scales = K_QUANT_SCALES[matrix_type]
+    rows, cols = shape
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // 256, block_bytes), dtype=np.uint8)
+    for offset, value in scales:
+        raw[:, :, offset : offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(path, model, tokenizer_folder, matrix_type: str = "F32", sampling: dict | None = None):
+    """Writes `model` (a float32 Qwen2ForCausalLM) as a GGUF file the way llama.cpp lays one out:
+    qwen2.* metadata, the tokenizer from `tokenizer_folder`, norms and biases in F32 and the weight
+    matrices in `matrix_type` (F32, F16, BF16 or a block format such as Q8_0, quantized with the gguf
+    package). A tied model has no output.weight. `sampling` (temp, top_k, ...) becomes general.sampling.*
+    metadata. Returns the float32 weights the file holds (after
+    quantization), by Hugging Face name."""
+    import gguf
+    import numpy as np
+
+    from tiny_tokenizer import tiny_metadata
+
+    c = model.config
+    meta = tiny_metadata(tokenizer_folder)
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(meta["tokenizer.chat_template"])
+    for key, value in (sampling or {}).items():
+        getattr(w, f"add_sampling_{key}")(value)
+    qtype = gguf.GGMLQuantizationType[matrix_type]
+    held = {}
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = p.detach().numpy().astype(np.float32)
+        if a.ndim == 2 and matrix_type in K_QUANT_SCALES:
+            data = random_k_blocks(a.shape, matrix_type, seed=len(held))
+            w.add_tensor(_gguf_name(name), data, raw_dtype=qtype)
+            held[name] = gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(a.shape)
+        elif a.ndim == 2 and matrix_type != "F32":
+            data = gguf.quants.quantize(a, qtype)
+            w.add_tensor(_gguf_name(name), data, raw_dtype=qtype)
+            held[name] = gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(a.shape)
+        else:
+            w.add_tensor(_gguf_name(name), a)
+            held[name] = a
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held

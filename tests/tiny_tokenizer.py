@@ -184,3 +184,40 @@ def write_tiny_tokenizer(folder, *, chat_template: str | None = QWEN25_CHAT_TEMP
         json.dump(tiny_tokenizer_config(chat_template), f, indent=2, ensure_ascii=False)
         f.write("\n")
     return tok.get_vocab_size(with_added_tokens=True)
+
+
+# llama.cpp token types
+NORMAL, CONTROL = 1, 3
+
+
+def tiny_metadata(folder):
+    """GGUF-style tokenizer metadata for the tiny tokenizer written into ``folder``, laid out like llama.cpp's
+    converter lays out Qwen2's (control tokens typed 3, the same bos/eos/pad choice)."""
+    write_tiny_tokenizer(folder)
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    vocab = data["model"]["vocab"]
+    added = {token["id"]: token["content"] for token in data["added_tokens"]}
+    n = max([*vocab.values(), *added]) + 1
+    tokens = [None] * n
+    for token, index in vocab.items():
+        tokens[index] = token
+    types = [NORMAL] * n
+    for index, content in added.items():
+        tokens[index] = content
+        types[index] = CONTROL
+    assert None not in tokens
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    return {
+        "general.architecture": "qwen2",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "qwen2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"),
+        "tokenizer.ggml.padding_token_id": tokens.index("<|endoftext|>"),
+        "tokenizer.ggml.bos_token_id": tokens.index("<|endoftext|>"),
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": QWEN25_CHAT_TEMPLATE,
+    }

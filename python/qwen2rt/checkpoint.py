@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
@@ -117,7 +116,7 @@ def gguf_to_hf_name(name: str) -> str | None:
 
 class GGUFCheckpoint:
     """A GGUF file (llama.cpp's format): config from the qwen2.* metadata, the tokenizer and chat
-    template from tokenizer.* metadata, weights dequantized with the gguf package."""
+    template from tokenizer.* metadata, block-format weights dequantized to float32 at load."""
 
     def __init__(self, path: str):
         from .gguf_io import GGUFFile
@@ -130,7 +129,7 @@ class GGUFCheckpoint:
         self.tokenizer = tokenizer_from_gguf(md, source=path)
         eos = [t for t in (self.tokenizer.eos_token_id,) if t is not None]
         eos += [i for i in map(self.tokenizer.token_to_id, _END_OF_TURN) if i is not None]
-        self.generation_config: dict[str, Any] = {"eos_token_id": sorted(set(eos))}
+        self.generation_config: dict[str, Any] = {"eos_token_id": sorted(set(eos)), **self._sampling(md)}
         names = {}
         for name in self.file.tensors:
             hf = gguf_to_hf_name(name)
@@ -138,6 +137,17 @@ class GGUFCheckpoint:
                 raise UnsupportedModelError(f"{path}: unexpected tensor {name!r} for a qwen2 model")
             names[hf] = name
         self.names = names
+
+    @staticmethod
+    def _sampling(md: dict[str, Any]) -> dict[str, Any]:
+        """Sampling defaults that newer converters store as general.sampling.*, as generation_config keys."""
+        keys = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                "penalty_repeat": "repetition_penalty"}
+        out = {hf: md[f"general.sampling.{k}"] for k, hf in keys.items()
+               if isinstance(md.get(f"general.sampling.{k}"), (int, float))}
+        if out:
+            out["do_sample"] = out.get("temperature", 1.0) > 0
+        return out
 
     def _config(self, md: dict[str, Any]) -> Qwen2Config:
         arch = md.get("general.architecture")
@@ -181,18 +191,10 @@ class GGUFCheckpoint:
         return cfg
 
     def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str]]:
-        """Dequantizes a few tensors at a time on `threads` threads (numpy releases the GIL)."""
-        items = list(self.names.items())
-        window = max(1, threads)
-
-        def load(item: tuple[str, str]) -> tuple[str, np.ndarray, str]:
-            hf, name = item
-            array, kind = self.file.array(name)
-            return hf, array, kind
-
-        with ThreadPoolExecutor(max_workers=window) as pool:
-            for i in range(0, len(items), window):
-                yield from pool.map(load, items[i : i + window])
+        """Block formats are dequantized in C++ on `threads` threads, one tensor at a time."""
+        for hf, name in self.names.items():
+            array, kind = self.file.array(name, threads)
+            yield hf, array, kind
 
 
 def open_checkpoint(path: str) -> HFCheckpoint | GGUFCheckpoint:

@@ -2,8 +2,8 @@
 
 GGUF layout (v2 and v3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64 metadata
 count; the metadata key/values; the tensor table (name, dims, type, offset); padding to
-`general.alignment` (default 32); the tensor data. Dequantization of the block formats is left to
-the `gguf` package (numpy); this module only finds and checks the bytes.
+`general.alignment` (default 32); the tensor data. The block formats are dequantized by qwen2rt's
+C++ code (bit-exact with the `gguf` package's numpy code, which remains the fallback).
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54),
     35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
 }
-# Types whose weights qwen2rt can load (block formats are dequantized with the gguf package).
+# Types whose weights qwen2rt can load (block formats are dequantized to float32).
 DEQUANTIZABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+# Block formats dequantized by qwen2rt's C++ (csrc/gguf_dequant.cpp); any other goes to the gguf package.
+_CORE_DEQUANT = {2, 3, 6, 7, 8, 10, 11, 12, 13, 14}
 
 
 @dataclass(frozen=True)
@@ -206,10 +208,32 @@ class GGUFFile:
             return (a.astype(bool) if itype == 7 else a).tolist()
         if itype == _STRING:
             c.need(n * 8, f"array {key!r} ({n} strings)")  # each string has at least its length
-            return [c.string(f"item {i} of {key!r}") for i in range(n)]
+            return self._strings(c, n, key)
         if itype == _ARRAY:
             raise UnsupportedModelError(f"{self.path}: metadata {key!r} is an array of arrays")
         raise FormatError(f"{self.path}: array {key!r} has unknown item type {itype}")
+
+    def _strings(self, c: _Cursor, n: int, key: str) -> list[str]:
+        """n strings in a row (a vocabulary: 150k of them), in a tight loop."""
+        buf, pos, size = self._mm, c.pos, c.size
+        unpack = struct.Struct("<Q").unpack_from
+        out = []
+        append = out.append
+        try:
+            for _ in range(n):
+                length = unpack(buf, pos)[0]
+                pos += 8
+                end = pos + length
+                if end > size:
+                    raise FormatError(f"{self.path}: a string of {key!r} runs past the end of the file")
+                append(buf[pos:end].decode("utf-8"))
+                pos = end
+        except struct.error:
+            raise FormatError(f"{self.path}: array {key!r} runs past the end of the file") from None
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{self.path}: item {len(out)} of {key!r} is not valid UTF-8 ({e})") from None
+        c.pos = pos
+        return out
 
     # -- tensor data ----------------------------------------------------------------------------
     def raw(self, name: str) -> np.ndarray:
@@ -217,9 +241,9 @@ class GGUFFile:
         t = self.tensors[name]
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=self.data_start + t.offset)
 
-    def array(self, name: str) -> tuple[np.ndarray, str]:
+    def array(self, name: str, threads: int = 1) -> tuple[np.ndarray, str]:
         """(array, qwen2rt dtype) in row-major shape: F32, F16 and BF16 as views of the file
-        (BF16 as uint16 bits), block formats dequantized to float32."""
+        (BF16 as uint16 bits), block formats dequantized to float32 (in C++, on `threads` threads)."""
         t = self.tensors[name]
         raw = self.raw(name)
         if t.type_name == "F32":
@@ -233,6 +257,10 @@ class GGUFFile:
                 f"{self.path}: tensor {name!r} has type {t.type_name}; qwen2rt loads "
                 f"{', '.join(sorted(DEQUANTIZABLE))}"
             )
+        if t.type_id in _CORE_DEQUANT:
+            from . import _core
+
+            return _core.dequantize_gguf(t.type_id, raw, math.prod(t.shape), threads).reshape(t.numpy_shape), "f32"
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 

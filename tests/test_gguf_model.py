@@ -1,0 +1,79 @@
+"""Models read from GGUF files (written here from small random checkpoints) against PyTorch."""
+
+import numpy as np
+import pytest
+import torch
+
+import qwen2rt
+from tiny_model import make_checkpoint, write_gguf
+
+pytest.importorskip("gguf")
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """(shape, tied) -> (float32 torch model, its folder), made on first use."""
+    made = {}
+
+    def get(shape, tied):
+        if (shape, tied) not in made:
+            folder = tmp_path_factory.mktemp(f"gguf-src-{shape}-{tied}")
+            made[shape, tied] = make_checkpoint(folder, shape=shape, seed=4, tie=tied), folder
+        return made[shape, tied]
+
+    return get
+
+
+def logits_with(model, weights, ids):
+    """transformers' forward with the weights replaced by what the GGUF file holds."""
+    state = {k: torch.from_numpy(v) for k, v in weights.items()}
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    m = type(model)(model.config).eval()
+    m.load_state_dict(state)
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0].numpy()
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0", "Q4_K", "Q6_K"])
+def test_gguf_matches_pytorch(checkpoints, tmp_path, qtype, tied):
+    model, folder = checkpoints("k256" if qtype.endswith("_K") else "q32", tied)
+    path = tmp_path / f"m-{qtype}.gguf"
+    held = write_gguf(path, model, folder, qtype)
+    m = qwen2rt.Model(path, dtype="f32")
+    assert m.config.tie_word_embeddings == tied
+    ids = np.random.default_rng(1).integers(0, m.config.vocab_size, 40).tolist()
+    want = logits_with(model, held, ids)
+    got = m.forward(ids, all_logits=True)
+    assert rel(got, want) < 1e-4, rel(got, want)
+
+
+def test_gguf_tokenizer_and_generation(checkpoints, tmp_path):
+    model, folder = checkpoints("q32", False)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model, folder, "F32")
+    g = qwen2rt.Model(path, dtype="f32")
+    h = qwen2rt.Model(folder, dtype="f32")
+    text = "def f(x):\n    return x * 2  # 两倍 😀"
+    assert g.tokenize(text) == h.tokenize(text)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert g.apply_chat_template(msgs) == h.apply_chat_template(msgs)
+    a = g.generate(msgs, max_new_tokens=20, temperature=0)
+    b = h.generate(msgs, max_new_tokens=20, temperature=0)
+    assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_gguf_sampling_defaults_from_metadata(checkpoints, tmp_path):
+    """general.sampling.* keys (written by newer converters) become the generation defaults."""
+    model, folder = checkpoints("q32", False)
+    plain, tuned = tmp_path / "plain.gguf", tmp_path / "tuned.gguf"
+    write_gguf(plain, model, folder, "F32")
+    write_gguf(tuned, model, folder, "F32", sampling=dict(temp=0.6, top_k=30, top_p=0.9, penalty_repeat=1.1))
+    assert "do_sample" not in qwen2rt.Model(plain).generation_config
+    g = qwen2rt.Model(tuned).generation_config
+    assert g["do_sample"] is True and g["top_k"] == 30
+    assert abs(g["temperature"] - 0.6) < 1e-6 and abs(g["top_p"] - 0.9) < 1e-6 and abs(g["repetition_penalty"] - 1.1) < 1e-6
