@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <mutex>
 #include <thread>
 
@@ -15,6 +17,7 @@
 #include "cpu_features.h"
 #include "gguf_dequant.h"
 #include "kernels.h"
+#include "quant.h"
 #include "qwen2.h"
 #include "sampling.h"
 
@@ -210,6 +213,38 @@ PYBIND11_MODULE(_core, m) {
         d["amx_bf16"] = f.amx_bf16 && f.os_amx;
         return d;
     });
+    m.def(
+        "read_bandwidth",
+        [](size_t nbytes, int threads, int reps) {
+            // Bytes per second of summing a buffer larger than the caches (the decode roofline).
+            AlignedBuffer buf(nbytes);
+            const size_t n = nbytes / 8;
+            uint64_t* p = buf.as<uint64_t>();
+            double best = 0;
+            py::gil_scoped_release nogil;
+#pragma omp parallel for num_threads(threads)
+            for (int64_t i = 0; i < int64_t(n); i++) p[i] = uint64_t(i);
+            // Each thread reads its share as 8 interleaved streams, the way a decode matmul reads
+            // 8 weight rows at once (one stream per thread leaves bandwidth unused).
+            const size_t per = n / 8;
+            for (int r = 0; r < reps; r++) {
+                uint64_t total = 0;
+                const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static)
+                for (int64_t i = 0; i < int64_t(per); i += 64)
+                    for (int s8 = 0; s8 < 8; s8++) {
+                        const uint64_t* q = p + size_t(s8) * per + i;
+                        uint64_t x = 0;
+                        for (int j = 0; j < 64; j++) x ^= q[j];  // vectorises: 512 bytes a stream
+                        total += x;
+                    }
+                const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                if (total == 42) best = -1;  // keep the sum alive
+                best = std::max(best, double(per - per % 64) * 64 / dt);
+            }
+            return best;
+        },
+        py::arg("nbytes") = size_t(1) << 30, py::arg("threads") = 1, py::arg("reps") = 5);
     m.def("kv_cache_bytes", &KVCache::bytes_needed, py::arg("layers"), py::arg("kv_heads"), py::arg("head_dim"),
           py::arg("max_context"));
 
@@ -281,6 +316,69 @@ PYBIND11_MODULE(_core, m) {
     py::module_ k = m.def_submodule("kernels", "Individual kernels of one ISA, for testing");
     k.def("matmul", &kernel_matmul, py::arg("isa"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
           "Y = X @ W.T (+ bias); W float32 or uint16 holding bf16 bits");
+    k.def(
+        "quantize_weights",
+        [](const std::string& fmt, F32Array W, int threads) {
+            if (W.ndim() != 2) throw InvalidArgument("quantize_weights: W [N, K]");
+            const int N = int(W.shape(0)), K = int(W.shape(1));
+            const bool q4 = fmt == "q4";
+            if (!q4 && fmt != "q8") throw InvalidArgument("format must be q8 or q4");
+            py::array_t<uint8_t> out(py::ssize_t(q4 ? q4_bytes(N, K) : q8_bytes(N, K)));
+            py::gil_scoped_release nogil;
+            (q4 ? quantize_q4 : quantize_q8)(W.data(), N, K, size_t(K), out.mutable_data(), threads);
+            return out;
+        },
+        py::arg("fmt"), py::arg("w"), py::arg("threads") = 1, "Pack a float32 [N, K] matrix as q8 or q4 (quant.h)");
+    k.def(
+        "dequantize_weights",
+        [](const std::string& fmt, py::array_t<uint8_t, py::array::c_style> packed, int N, int K) {
+            const bool q4 = fmt == "q4";
+            if (!q4 && fmt != "q8") throw InvalidArgument("format must be q8 or q4");
+            if (N < 1 || K < 1 || size_t(packed.size()) != (q4 ? q4_bytes(N, K) : q8_bytes(N, K)))
+                throw InvalidArgument("dequantize_weights: packed size does not match N, K");
+            py::array_t<float> out({N, K});
+            for (int r = 0; r < N; r++)
+                (q4 ? dequantize_row_q4 : dequantize_row_q8)(packed.data(), K, r, out.mutable_data() + size_t(r) * K);
+            return out;
+        },
+        py::arg("fmt"), py::arg("packed"), py::arg("n"), py::arg("k"));
+    k.def("quantize_acts", [](const std::string& isa, F32Array X) {
+        const Kernels& K = kernels_or_throw(isa);
+        if (X.ndim() != 2) throw InvalidArgument("quantize_acts: X [M, K]");
+        const int M = int(X.shape(0)), Kd = int(X.shape(1)), B = q_blocks(Kd);
+        py::array_t<int8_t> q({M, B * kQBlock});
+        py::array_t<float> d({M, B});
+        py::array_t<int32_t> s({M, B});
+        K.quantize_acts(X.data(), Kd, M, Kd, q.mutable_data(), d.mutable_data(), s.mutable_data());
+        return py::make_tuple(q, d, s);
+    });
+    k.def(
+        "matmul_q",
+        [](const std::string& isa, const std::string& fmt, py::array_t<int8_t, py::array::c_style> q,
+           py::array_t<float, py::array::c_style> d, py::array_t<int32_t, py::array::c_style> s, int Kd,
+           py::array_t<uint8_t, py::array::c_style> packed, int N, py::object bias) {
+            const Kernels& K = kernels_or_throw(isa);
+            const bool q4 = fmt == "q4";
+            if (!q4 && fmt != "q8") throw InvalidArgument("format must be q8 or q4");
+            const int B = q_blocks(Kd);
+            if (q.ndim() != 2 || d.ndim() != 2 || s.ndim() != 2 || q.shape(1) != B * kQBlock || d.shape(1) != B ||
+                s.shape(1) != B || d.shape(0) != q.shape(0) || s.shape(0) != q.shape(0) ||
+                size_t(packed.size()) != (q4 ? q4_bytes(N, Kd) : q8_bytes(N, Kd)))
+                throw InvalidArgument("matmul_q: shapes do not match");
+            const int M = int(q.shape(0));
+            std::vector<float> b;
+            if (!bias.is_none()) {
+                auto ba = bias.cast<F32Array>();
+                if (ba.ndim() != 1 || ba.shape(0) != N) throw InvalidArgument("matmul_q: bias [N]");
+                b.assign(ba.data(), ba.data() + N);
+            }
+            py::array_t<float> Y({M, N});
+            (q4 ? K.matmul_q4 : K.matmul_q8)(q.data(), d.data(), s.data(), M, Kd, packed.data(),
+                                             b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
+            return Y;
+        },
+        py::arg("isa"), py::arg("fmt"), py::arg("q"), py::arg("d"), py::arg("s"), py::arg("k"), py::arg("packed"),
+        py::arg("n"), py::arg("bias") = py::none());
     k.def("rmsnorm", [](const std::string& isa, F32Array x, F32Array w, float eps) {
         const Kernels& K = kernels_or_throw(isa);
         if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1)) throw InvalidArgument("rmsnorm: x [M,n], w [n]");

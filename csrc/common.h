@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "numeric.h"
+
 namespace qwen2rt {
 
 // Element type of a weight matrix (or of a source tensor handed over by the loader).
@@ -35,49 +37,6 @@ struct ContextOverflow : std::length_error {
 struct Interrupted : std::exception {
     const char* what() const noexcept override { return "interrupted"; }
 };
-
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-// Round to nearest even, as torch's .to(torch.bfloat16) does; NaN stays NaN.
-inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
-
-// IEEE half to float, exact for every input (subnormals, inf, nan included).
-inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = uint32_t(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t man = h & 0x3ffu;
-    uint32_t u;
-    if (exp == 0) {
-        if (man == 0) {
-            u = sign;
-        } else {  // subnormal: normalise
-            int e = -1;
-            do {
-                e++;
-                man <<= 1;
-            } while ((man & 0x400u) == 0);
-            u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
-        }
-    } else if (exp == 31) {
-        u = sign | 0x7f800000u | man << 13;
-    } else {
-        u = sign | (exp + 127 - 15) << 23 | man << 13;
-    }
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
 
 // 64-byte aligned, zero-filled memory. Large blocks come straight from mmap, so pages that are
 // never written (the unused tail of a KV cache) cost no resident memory.

@@ -57,30 +57,6 @@ inline uint32_t load_u32(const uint8_t* p) {
 }
 inline float half(const uint8_t* p) { return f16_to_f32(load_u16(p)); }
 
-inline float bits_to_f32(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline uint32_t f32_to_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return u;
-}
-
-// Branch-free IEEE half -> float (exact for every input, like f16_to_f32, but vectorisable).
-inline float f16_to_f32_bulk(uint16_t h) {
-    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-    const uint32_t em = h & 0x7fffu;
-    const uint32_t exp = em >> 10;
-    const uint32_t normal = (em << 13) + (112u << 23);  // rebias 15 -> 127
-    const uint32_t infnan = normal + (112u << 23);      // exponent 31 -> 255, mantissa kept
-    const uint32_t sub = f32_to_bits(float(int32_t(em)) * 0x1p-24f);  // exact: em < 1024
-    const uint32_t is_sub = 0u - uint32_t(exp == 0), is_inf = 0u - uint32_t(exp == 31);  // all-ones masks
-    const uint32_t u = (sub & is_sub) | (infnan & is_inf) | (normal & ~(is_sub | is_inf));
-    return bits_to_f32(sign | u);
-}
-
 // kBit[i] = 1 << i: masks the high bit of element i out of a Q5 block's 32-bit qh with a table
 // load instead of a per-element variable shift, which SSE2 cannot vectorise.
 constexpr uint32_t kBit[32] = {
@@ -91,11 +67,11 @@ constexpr uint32_t kBit[32] = {
 }  // namespace
 
 void dequantize_row_f16(const uint8_t* blocks, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32_bulk(load_u16(blocks + 2 * i));
+    for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(load_u16(blocks + 2 * i));
 }
 
 void dequantize_row_bf16(const uint8_t* blocks, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) out[i] = bits_to_f32(uint32_t(load_u16(blocks + 2 * i)) << 16);
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(load_u16(blocks + 2 * i));
 }
 
 void dequantize_row_q4_0(const uint8_t* blocks, float* out, int64_t n) {

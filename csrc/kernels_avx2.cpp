@@ -5,6 +5,8 @@
 #include <math.h>
 
 #include "kernels.h"
+#include "numeric.h"
+#include "quant.h"
 
 namespace qwen2rt {
 namespace avx2 {
@@ -218,8 +220,94 @@ static void attention(const float* q, int G, int head_dim, const float* K, const
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized weights (layouts in quant.h). A 64-byte slice of a block (16 rows x 4 columns) is two
+// registers here: rows 0-7 and rows 8-15. q8 uses maddubs with the sign trick (|x| times w with
+// x's sign) so that no int16 pair sum can saturate; q4's nibbles are small enough to go in as they
+// are, and 8 times the activation sum is taken off afterwards.
+
+static inline __m256i bcast4(const int8_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+template <bool Q4>
+static void q_row_group(const int8_t* xq, const float* xd, const int32_t* xs, int B, const uint8_t* group,
+                        float* out /* 16 floats */) {
+    const size_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+    for (int b = 0; b < B; b++) {
+        const uint8_t* blk = group + size_t(b) * block_bytes;
+        const int8_t* x = xq + b * kQBlock;
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+        if (Q4) {
+            for (int g = 0; g < 4; g++) {
+                const __m256i xl = bcast4(x + 8 * g), xh = bcast4(x + 8 * g + 4);
+                for (int half = 0; half < 2; half++) {
+                    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 64 * g + 32 * half));
+                    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones),
+                                                       _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones));
+                    if (half) acc1 = _mm256_add_epi32(acc1, p);
+                    else acc0 = _mm256_add_epi32(acc0, p);
+                }
+            }
+            const __m256i corr = _mm256_set1_epi32(8 * xs[b]);
+            acc0 = _mm256_sub_epi32(acc0, corr);
+            acc1 = _mm256_sub_epi32(acc1, corr);
+        } else {
+            for (int g = 0; g < 8; g++) {
+                const __m256i x4 = bcast4(x + 4 * g), ax = _mm256_abs_epi8(x4);
+                for (int half = 0; half < 2; half++) {
+                    const __m256i w = _mm256_xor_si256(
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 64 * g + 32 * half)), flip);
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x4)), ones);
+                    if (half) acc1 = _mm256_add_epi32(acc1, p);
+                    else acc0 = _mm256_add_epi32(acc0, p);
+                }
+            }
+        }
+        const __m256 dx = _mm256_set1_ps(xd[b]);
+        const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+        const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+        sum0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc0), _mm256_mul_ps(w0, dx), sum0);
+        sum1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc1), _mm256_mul_ps(w1, dx), sum1);
+    }
+    _mm256_storeu_ps(out, sum0);
+    _mm256_storeu_ps(out + 8, sum1);
+}
+
+template <bool Q4>
+static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+                     const float* bias, float* Y, int ldy, int n0, int n1) {
+    const int B = q_blocks(K), Kp = B * kQBlock;
+    const size_t group_bytes = size_t(B) * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
+    for (int n = n0; n < n1; n += kQRows) {
+        const uint8_t* group = W + size_t(n / kQRows) * group_bytes;
+        const int valid = imin(kQRows, n1 - n);
+        for (int m = 0; m < M; m++) {
+            float out[kQRows];
+            q_row_group<Q4>(xq + size_t(m) * Kp, xd + size_t(m) * B, xs + size_t(m) * B, B, group, out);
+            float* y = Y + size_t(m) * ldy + n;
+            for (int r = 0; r < valid; r++) y[r] = out[r] + (bias ? bias[n + r] : 0.f);
+        }
+    }
+}
+
+static void matmul_q8(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+                      const float* bias, float* Y, int ldy, int n0, int n1) {
+    matmul_q<false>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+}
+static void matmul_q4(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+                      const float* bias, float* Y, int ldy, int n0, int n1) {
+    matmul_q<true>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+}
+
 static const Kernels table = {
-    "avx2", matmul_f32, matmul_bf16, rmsnorm, rope_portable, silu_mul, attention, add_portable,
+    "avx2",        matmul_f32, matmul_bf16, rmsnorm,  rope_portable, silu_mul, attention, add_portable,
+    quantize_acts_portable, matmul_q8,  matmul_q4,
 };
 
 }  // namespace avx2

@@ -9,6 +9,8 @@
 #include <math.h>
 
 #include "kernels.h"
+#include "numeric.h"
+#include "quant.h"
 
 namespace qwen2rt {
 namespace avx512 {
@@ -252,8 +254,124 @@ static void add(float* y, const float* x, int n) {
     for (; i < n; i++) y[i] += x[i];
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized weights (layouts in quant.h): one register holds 16 rows x 4 columns of a block, so
+// `vpdpbusd` with 4 broadcast activation bytes adds into one int32 sum per row.
+
+static void quantize_acts(const float* X, int ldx, int M, int K, int8_t* q, float* d, int32_t* s) {
+    const int B = q_blocks(K), Kp = B * kQBlock;
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int m = 0; m < M; m++) {
+        const float* x = X + size_t(m) * ldx;
+        for (int b = 0; b < B; b++) {
+            const int k0 = b * kQBlock, n = imin(kQBlock, K - k0);
+            const __mmask16 m0 = tail_mask(imin(16, n)), m1 = n > 16 ? tail_mask(n - 16) : 0;
+            const __m512 v0 = _mm512_maskz_loadu_ps(m0, x + k0), v1 = _mm512_maskz_loadu_ps(m1, x + k0 + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_and_ps(v1, sign)));
+            const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round to nearest even
+            const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+            int8_t* qb = q + size_t(m) * Kp + k0;
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtepi32_epi8(i0));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtepi32_epi8(i1));
+            d[size_t(m) * B + b] = amax / 127.f;
+            s[size_t(m) * B + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        }
+    }
+}
+
+static inline __m512i bcast4(const int8_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+// sums[t] (16 rows of one row group) += the row group times MR activation rows, over all blocks.
+template <int MR, bool Q4>
+static inline void q_tile(const int8_t* xq, const float* xd, const int32_t* xs, int B, const uint8_t* group,
+                          __m512* sums) {
+    const int Kp = B * kQBlock;
+    const size_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
+    const int32_t zero_point = Q4 ? 8 : 128;
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int b = 0; b < B; b++) {
+        const uint8_t* blk = group + size_t(b) * block_bytes;
+        const int8_t* x = xq + b * kQBlock;
+        __m512i acc[MR];
+        for (int t = 0; t < MR; t++) acc[t] = _mm512_setzero_si512();
+        if (Q4) {
+            for (int g = 0; g < 4; g++) {
+                const __m512i v = _mm512_loadu_si512(blk + 32 + 64 * g);
+                const __m512i lo = _mm512_and_si512(v, low4);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                for (int t = 0; t < MR; t++) {
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], lo, bcast4(x + size_t(t) * Kp + 8 * g));
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], hi, bcast4(x + size_t(t) * Kp + 8 * g + 4));
+                }
+            }
+        } else {
+            for (int g = 0; g < 8; g++) {
+                const __m512i w = _mm512_loadu_si512(blk + 32 + 64 * g);
+                for (int t = 0; t < MR; t++) acc[t] = _mm512_dpbusd_epi32(acc[t], w, bcast4(x + size_t(t) * Kp + 4 * g));
+            }
+        }
+        const __m512 wscale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+        for (int t = 0; t < MR; t++) {
+            const size_t tb = size_t(t) * B + b;
+            const __m512i dot = _mm512_sub_epi32(acc[t], _mm512_set1_epi32(zero_point * xs[tb]));
+            sums[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale, _mm512_set1_ps(xd[tb])), sums[t]);
+        }
+    }
+}
+
+template <bool Q4, int MR>
+static void q_rows(const int8_t* xq, const float* xd, const int32_t* xs, int B, const uint8_t* group,
+                   const float* bias, float* Y, int ldy, __mmask16 mask) {
+    __m512 sums[MR];
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+    for (int t = 0; t < MR; t++) sums[t] = bv;
+    q_tile<MR, Q4>(xq, xd, xs, B, group, sums);
+    for (int t = 0; t < MR; t++) _mm512_mask_storeu_ps(Y + size_t(t) * ldy, mask, sums[t]);
+}
+
+template <bool Q4>
+static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+                     const float* bias, float* Y, int ldy, int n0, int n1) {
+    const int B = q_blocks(K), Kp = B * kQBlock;
+    const size_t group_bytes = size_t(B) * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
+    constexpr int MR = 4;
+    // A block of up to 64 tokens (64 * Kp bytes of activations, in L2) meets every row group of
+    // [n0, n1); each row group is reused across the block MR tokens at a time.
+    constexpr int kTokenBlock = 64;
+    for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
+        const int m1 = imin(M, m0 + kTokenBlock);
+        for (int n = n0; n < n1; n += kQRows) {
+            const uint8_t* group = W + size_t(n / kQRows) * group_bytes;
+            const __mmask16 mask = tail_mask(imin(kQRows, n1 - n));
+            const float* bn = bias ? bias + n : nullptr;
+            int m = m0;
+            for (; m + MR <= m1; m += MR)
+                q_rows<Q4, MR>(xq + size_t(m) * Kp, xd + size_t(m) * B, xs + size_t(m) * B, B, group, bn,
+                               Y + size_t(m) * ldy + n, ldy, mask);
+            for (; m < m1; m++)
+                q_rows<Q4, 1>(xq + size_t(m) * Kp, xd + size_t(m) * B, xs + size_t(m) * B, B, group, bn,
+                              Y + size_t(m) * ldy + n, ldy, mask);
+        }
+    }
+}
+
+static void matmul_q8(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+                      const float* bias, float* Y, int ldy, int n0, int n1) {
+    matmul_q<false>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+}
+static void matmul_q4(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+                      const float* bias, float* Y, int ldy, int n0, int n1) {
+    matmul_q<true>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+}
+
 static const Kernels table = {
-    "avx512", matmul_f32, matmul_bf16, rmsnorm, rope_portable, silu_mul, attention, add,
+    "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, attention, add,
+    quantize_acts, matmul_q8,  matmul_q4,
 };
 
 }  // namespace avx512

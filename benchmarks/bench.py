@@ -1,0 +1,358 @@
+"""qwen2rt against llama.cpp (llama-cpp-python) and PyTorch on the same model, prompt and threads.
+
+    python benchmarks/bench.py                       # default model, every engine installed
+    python benchmarks/bench.py --engines qwen2rt-bf16,torch-bf16 --rounds 3 --json out.json
+
+Each engine runs in its own subprocess (so load time and peak RSS are its own), in alternation over
+several rounds (A B C A B C ...); the table shows medians. Decode is memory-bound, so its roofline
+column is the bytes of weights read per token times tokens/s against the read bandwidth measured
+here; prefill is compute-bound, so its column is GFLOP/s (2 * weights read * tokens / s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --------------------------------------------------------------------------------------------------
+# Engines. Each runs in a child process: load, prefill P tokens for each P, decode D tokens greedily
+# (ignoring eos), report times.
+
+
+def _prompt_ids(tokenize, n: int) -> list[int]:
+    """n tokens of Python standard-library source: the same text for every engine."""
+    import inspect
+    import json.decoder
+    import textwrap
+
+    text = inspect.getsource(json.decoder) + inspect.getsource(textwrap) + inspect.getsource(inspect)
+    ids = tokenize(text)
+    if len(ids) < n:
+        raise SystemExit(f"benchmark text has only {len(ids)} tokens, {n} asked")
+    return ids[:n]
+
+
+def _run_qwen2rt(spec: dict) -> dict:
+    import numpy as np
+
+    import qwen2rt
+
+    t0 = time.perf_counter()
+    m = qwen2rt.Model(spec["model"], dtype=spec["dtype"], threads=spec["threads"], max_context=spec["max_context"])
+    out = {"load_s": time.perf_counter() - t0, "weight_bytes": m._core.weight_bytes, "isa": qwen2rt.system_info()["isa"]}
+    ids = _prompt_ids(m.tokenize, max(spec["prompts"] + spec["contexts"] + [8]))
+    for p in spec["prompts"]:
+        m.reset()
+        t = time.perf_counter()
+        logits = m.forward(ids[:p])
+        int(np.argmax(logits))
+        out[f"prefill_{p}_s"] = time.perf_counter() - t
+    # decode D tokens after a short prompt
+    m.reset()
+    logits = m.forward(ids[:8])
+    t = time.perf_counter()
+    for _ in range(spec["decode"]):
+        logits = m.forward([int(np.argmax(logits))], start_pos=m.cache_len)
+    out["decode_s"] = time.perf_counter() - t
+    for c in spec["contexts"]:
+        m.reset()
+        logits = m.forward(ids[:c])
+        t = time.perf_counter()
+        for _ in range(32):
+            logits = m.forward([int(np.argmax(logits))], start_pos=m.cache_len)
+        out[f"decode_at_{c}_s"] = (time.perf_counter() - t) / 32 * spec["decode"]
+    return out
+
+
+def _hf_folder(gguf_path: str) -> str:
+    """A float32 Hugging Face folder of the GGUF's weights, made once with transformers (cached)."""
+    import hashlib
+
+    key = hashlib.sha256(f"{gguf_path}:{os.path.getsize(gguf_path)}".encode()).hexdigest()[:12]
+    folder = os.path.join(os.path.expanduser("~/.cache/qwen2rt-bench"), f"hf-{key}")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, name = os.path.split(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder + ".tmp"
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _run_torch(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(spec["threads"])
+    folder = _hf_folder(spec["gguf"])
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    out = {"load_s": time.perf_counter() - t0, "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    ids = _prompt_ids(lambda s: tok.encode(s), max(spec["prompts"] + spec["contexts"] + [8]))
+    with torch.inference_mode():
+        for p in spec["prompts"]:
+            t = time.perf_counter()
+            model(torch.tensor([ids[:p]]), use_cache=True).logits[0, -1].argmax()
+            out[f"prefill_{p}_s"] = time.perf_counter() - t
+
+        def decode(prefix: list[int], steps: int) -> float:
+            r = model(torch.tensor([prefix]), use_cache=True)
+            past, nxt = r.past_key_values, r.logits[0, -1].argmax().view(1, 1)
+            t = time.perf_counter()
+            for _ in range(steps):
+                r = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = r.past_key_values, r.logits[0, -1].argmax().view(1, 1)
+            return time.perf_counter() - t
+
+        out["decode_s"] = decode(ids[:8], spec["decode"])
+        for c in spec["contexts"]:
+            out[f"decode_at_{c}_s"] = decode(ids[:c], 32) / 32 * spec["decode"]
+    return out
+
+
+def _llama_file(gguf_path: str, ftype: str) -> str:
+    """The source GGUF requantized to `ftype` (F16, BF16, Q8_0, Q4_0) with llama.cpp (cached)."""
+    import llama_cpp
+
+    if ftype == "source":
+        return gguf_path
+    folder = os.path.expanduser("~/.cache/qwen2rt-bench")
+    os.makedirs(folder, exist_ok=True)
+    out = os.path.join(folder, os.path.basename(gguf_path).replace(".gguf", f".{ftype}.gguf"))
+    if os.path.exists(out):
+        return out
+    code = {"F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "BF16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
+            "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[ftype]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = code
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    tmp = out + ".tmp"
+    rc = llama_cpp.llama_model_quantize(gguf_path.encode(), tmp.encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize to {ftype} failed ({rc})")
+    os.replace(tmp, out)
+    return out
+
+
+def _run_llama(spec: dict) -> dict:
+    import llama_cpp
+
+    path = _llama_file(spec["gguf"], spec["dtype"])
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=spec["max_context"], n_threads=spec["threads"],
+                          n_threads_batch=spec["threads"], n_batch=512, verbose=False)
+    out = {"load_s": time.perf_counter() - t0, "weight_bytes": os.path.getsize(path)}
+    ids = _prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False),
+                      max(spec["prompts"] + spec["contexts"] + [8]))
+
+    def argmax_last() -> int:
+        import numpy as np
+
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    for p in spec["prompts"]:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids[:p])
+        argmax_last()
+        out[f"prefill_{p}_s"] = time.perf_counter() - t
+
+    def decode(prefix: list[int], steps: int) -> float:
+        llm.reset()
+        llm.eval(prefix)
+        t = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([argmax_last()])
+        return time.perf_counter() - t
+
+    out["decode_s"] = decode(ids[:8], spec["decode"])
+    for c in spec["contexts"]:
+        out[f"decode_at_{c}_s"] = decode(ids[:c], 32) / 32 * spec["decode"]
+    return out
+
+
+RUNNERS = {"qwen2rt": _run_qwen2rt, "torch": _run_torch, "llama": _run_llama}
+
+
+def child_main(spec_json: str) -> None:
+    import resource
+
+    spec = json.loads(spec_json)
+    out = RUNNERS[spec["engine"]](spec)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(out))
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent: which engines exist, bandwidth, alternation, the table.
+
+
+def available_engines() -> list[str]:
+    out = ["qwen2rt-f32", "qwen2rt-bf16"]
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        out += ["torch-f32", "torch-bf16"]
+    except ImportError:
+        pass
+    try:
+        import llama_cpp  # noqa: F401
+
+        out += ["llama-BF16", "llama-Q8_0", "llama-Q4_0"]
+    except ImportError:
+        pass
+    return out
+
+
+def read_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """Bytes/s of reading a 1 GiB buffer with `threads` threads (qwen2rt's C++ helper)."""
+    from qwen2rt import _core
+
+    return _core.read_bandwidth(int(gib * (1 << 30)), threads, 5)
+
+
+def weights_read_per_token(cfg) -> int:
+    """Weights a decode step reads: every layer matrix and the lm_head (the embedding table is only
+    gathered one row at a time)."""
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    qd, kvd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return L * (h * qd + 2 * h * kvd + qd * h + 3 * h * i) + cfg.vocab_size * h
+
+
+BITS = {"f32": 32, "bf16": 16, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "source": None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="registry name or GGUF path")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--engines", default=None, help="comma-separated (default: every one installed)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", default="128,512", help="prefill lengths")
+    ap.add_argument("--decode", type=int, default=128, help="decoded tokens")
+    ap.add_argument("--contexts", default="", help="decode at these context lengths too, e.g. 2048,8192")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--png", default=None, help="write a chart here (needs matplotlib)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child_main(a.child)
+
+    from qwen2rt import registry, system_info
+    from qwen2rt.checkpoint import GGUFCheckpoint
+
+    gguf = registry.resolve(a.model)
+    cfg = GGUFCheckpoint(gguf).config
+    engines = a.engines.split(",") if a.engines else available_engines()
+    prompts = [int(x) for x in a.prompts.split(",") if x]
+    contexts = [int(x) for x in a.contexts.split(",") if x]
+    per_token = weights_read_per_token(cfg)
+    bw = read_bandwidth(a.threads)
+    print(f"model {gguf}\nthreads {a.threads}, {system_info()['isa']}; read bandwidth {bw / 1e9:.1f} GB/s; "
+          f"{per_token / 1e6:.0f} M weights read per decoded token", file=sys.stderr)
+
+    results: dict[str, list[dict]] = {e: [] for e in engines}
+    for r in range(a.rounds):
+        for e in engines:
+            kind, dtype = e.split("-", 1)
+            spec = dict(engine=kind, dtype=dtype, model=gguf, gguf=gguf, threads=a.threads, prompts=prompts,
+                        decode=a.decode, contexts=contexts, max_context=max(prompts + contexts + [64]) + a.decode + 64)
+            p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if p.returncode != 0 or line is None:
+                print(f"round {r + 1} {e}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results[e].append(json.loads(line[7:]))
+            print(f"round {r + 1} {e}: done", file=sys.stderr)
+
+    rows = {}
+    for e, runs in results.items():
+        if not runs:
+            continue
+        med = {k: statistics.median(run[k] for run in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+        kind, dtype = e.split("-", 1)
+        bits = BITS.get(dtype)
+        row = {"engine": e, "runs": len(runs), "load_s": med["load_s"], "peak_rss_gb": med["peak_rss_bytes"] / 1e9}
+        for p in prompts:
+            row[f"prefill{p}_tok_s"] = p / med[f"prefill_{p}_s"]
+        row["ttft128_s"] = med.get(f"prefill_{prompts[0]}_s")
+        row["decode_tok_s"] = a.decode / med["decode_s"]
+        for c in contexts:
+            row[f"decode@{c}_tok_s"] = a.decode / med[f"decode_at_{c}_s"]
+        if bits:
+            row["decode_GB_s"] = row["decode_tok_s"] * per_token * bits / 8 / 1e9
+            row["roofline_pct"] = 100 * row["decode_GB_s"] / (bw / 1e9)
+        row["prefill_GFLOP_s"] = row[f"prefill{prompts[-1]}_tok_s"] * 2 * (per_token - cfg.vocab_size * cfg.hidden_size) / 1e9
+        rows[e] = row
+
+    def best(prefix: str, key: str) -> float | None:
+        vals = [r[key] for e, r in rows.items() if e.startswith(prefix)]
+        return max(vals) if vals else None
+
+    cols = ["engine", "load_s", f"prefill{prompts[0]}_tok_s", f"prefill{prompts[-1]}_tok_s", "decode_tok_s"] + \
+           [f"decode@{c}_tok_s" for c in contexts] + ["decode_GB_s", "roofline_pct", "prefill_GFLOP_s", "peak_rss_gb",
+                                                      "vs_llama_decode", "vs_torch_decode", "vs_best_prefill"]
+    ref_prefill = max(filter(None, [best("llama", f"prefill{prompts[-1]}_tok_s"), best("torch", f"prefill{prompts[-1]}_tok_s")]), default=None)
+    for e, r in rows.items():
+        lb, tb = best("llama", "decode_tok_s"), best("torch", "decode_tok_s")
+        same_bits = [x for x in rows if x.startswith("llama") and BITS.get(x.split("-", 1)[1]) == BITS.get(e.split("-", 1)[1])]
+        if same_bits:
+            lb = rows[same_bits[0]]["decode_tok_s"]
+        r["vs_llama_decode"] = r["decode_tok_s"] / lb if lb else None
+        r["vs_torch_decode"] = r["decode_tok_s"] / tb if tb else None
+        r["vs_best_prefill"] = r[f"prefill{prompts[-1]}_tok_s"] / ref_prefill if ref_prefill else None
+
+    def fmt(v):
+        return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows.values():
+        print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    print(f"\nread bandwidth {bw / 1e9:.1f} GB/s with {a.threads} threads; vs_llama_decode compares with llama.cpp at the "
+          f"same bits per weight (else its fastest); vs_best_prefill with the fastest of llama.cpp and PyTorch.")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": gguf, "threads": a.threads, "bandwidth_Bps": bw, "weights_per_token": per_token,
+                       "system": system_info(), "rows": rows, "raw": results}, f, indent=2)
+    if a.png:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("no matplotlib: no chart", file=sys.stderr)
+            return
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        names = list(rows)
+        axes[0].barh(names, [rows[n]["decode_tok_s"] for n in names])
+        axes[0].set_xlabel("decode tokens/s")
+        axes[1].barh(names, [rows[n][f"prefill{prompts[-1]}_tok_s"] for n in names])
+        axes[1].set_xlabel(f"prefill tokens/s ({prompts[-1]}-token prompt)")
+        fig.suptitle(f"{os.path.basename(gguf)}, {a.threads} threads")
+        fig.tight_layout()
+        fig.savefig(a.png, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+// Quantizing weights into the q8 / q4 layouts of quant.h, and reading single rows back.
+#include "quant.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
+
+namespace qwen2rt {
+
+size_t q8_bytes(int rows, int cols) { return size_t(q_row_groups(rows)) * q_blocks(cols) * kQ8BlockBytes; }
+size_t q4_bytes(int rows, int cols) { return size_t(q_row_groups(rows)) * q_blocks(cols) * kQ4BlockBytes; }
+
+namespace {
+
+// The values of one block (up to 32, zero-padded) of row r.
+void load_block(const float* W, int rows, int cols, size_t ldw, int r, int b, float* v) {
+    for (int j = 0; j < kQBlock; j++) {
+        const int c = b * kQBlock + j;
+        v[j] = (r < rows && c < cols) ? W[size_t(r) * ldw + c] : 0.f;
+    }
+}
+
+// q8: scale = max|w| / 127 (held as f16), q = round(w / scale).
+void quantize_block_q8(const float* v, uint16_t& scale, int8_t* q) {
+    float amax = 0.f;
+    for (int j = 0; j < kQBlock; j++) amax = std::fmax(amax, std::fabs(v[j]));
+    scale = f32_to_f16(amax / 127.f);
+    const float d = f16_to_f32(scale);
+    const float inv = d > 0.f ? 1.f / d : 0.f;
+    for (int j = 0; j < kQBlock; j++) {
+        const float x = std::nearbyint(v[j] * inv);
+        q[j] = int8_t(x > 127.f ? 127.f : (x < -127.f ? -127.f : x));
+    }
+}
+
+// q4: levels -8..7 times a scale. Like Q4_0 the value of largest magnitude goes to the -8 end
+// (scale = -max / t), but t is searched in 7..9 and each candidate's scale is refit by least
+// squares for its levels; the pair with the smallest squared error wins.
+void quantize_block_q4(const float* v, uint16_t& scale, uint8_t* q) {
+    float mx = 0.f;
+    for (int j = 0; j < kQBlock; j++)
+        if (std::fabs(v[j]) > std::fabs(mx)) mx = v[j];
+    if (mx == 0.f) {
+        scale = 0;
+        for (int j = 0; j < kQBlock; j++) q[j] = 8;
+        return;
+    }
+    float best_err = INFINITY, best_d = 0.f;
+    for (int step = 0; step <= 8; step++) {
+        const float t = 7.0f + 0.25f * float(step);
+        const float d0 = -mx / t;
+        const float inv = 1.f / d0;
+        float sxq = 0.f, sqq = 0.f;
+        int8_t lv[kQBlock];
+        for (int j = 0; j < kQBlock; j++) {
+            float l = std::nearbyint(v[j] * inv);
+            l = l > 7.f ? 7.f : (l < -8.f ? -8.f : l);
+            lv[j] = int8_t(l);
+            sxq += v[j] * l;
+            sqq += l * l;
+        }
+        const float d = sqq > 0.f ? sxq / sqq : d0;  // least-squares scale for these levels
+        const float dh = f16_to_f32(f32_to_f16(d));
+        float err = 0.f;
+        for (int j = 0; j < kQBlock; j++) {
+            const float e = v[j] - dh * float(lv[j]);
+            err += e * e;
+        }
+        if (err < best_err) best_err = err, best_d = d;
+    }
+    scale = f32_to_f16(best_d);
+    const float d = f16_to_f32(scale);
+    const float inv = d != 0.f ? 1.f / d : 0.f;
+    for (int j = 0; j < kQBlock; j++) {
+        float l = std::nearbyint(v[j] * inv);
+        l = l > 7.f ? 7.f : (l < -8.f ? -8.f : l);
+        q[j] = uint8_t(int(l) + 8);
+    }
+}
+
+}  // namespace
+
+void quantize_q8(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads) {
+    const int G = q_row_groups(rows), B = q_blocks(cols);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t gb = 0; gb < int64_t(G) * B; gb++) {
+        const int g = int(gb / B), b = int(gb % B);
+        uint8_t* blk = out + size_t(gb) * kQ8BlockBytes;
+        uint16_t scales[kQRows];
+        for (int r = 0; r < kQRows; r++) {
+            float v[kQBlock];
+            int8_t q[kQBlock];
+            load_block(W, rows, cols, ldw, g * kQRows + r, b, v);
+            quantize_block_q8(v, scales[r], q);
+            for (int j = 0; j < kQBlock; j++) blk[32 + 64 * (j / 4) + 4 * r + j % 4] = uint8_t(int(q[j]) + 128);
+        }
+        std::memcpy(blk, scales, sizeof(scales));
+    }
+}
+
+void quantize_q4(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads) {
+    const int G = q_row_groups(rows), B = q_blocks(cols);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t gb = 0; gb < int64_t(G) * B; gb++) {
+        const int g = int(gb / B), b = int(gb % B);
+        uint8_t* blk = out + size_t(gb) * kQ4BlockBytes;
+        uint16_t scales[kQRows];
+        for (int r = 0; r < kQRows; r++) {
+            float v[kQBlock];
+            uint8_t q[kQBlock];
+            load_block(W, rows, cols, ldw, g * kQRows + r, b, v);
+            quantize_block_q4(v, scales[r], q);
+            // column 8i + j (j < 4) in the low nibble, 8i + 4 + j in the high nibble
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) blk[32 + 64 * i + 4 * r + j] = uint8_t(q[8 * i + j] | q[8 * i + 4 + j] << 4);
+        }
+        std::memcpy(blk, scales, sizeof(scales));
+    }
+}
+
+void dequantize_row_q8(const uint8_t* packed, int cols, int row, float* out) {
+    const int B = q_blocks(cols), g = row / kQRows, r = row % kQRows;
+    for (int b = 0; b < B; b++) {
+        const uint8_t* blk = packed + (size_t(g) * B + b) * kQ8BlockBytes;
+        uint16_t s;
+        std::memcpy(&s, blk + 2 * r, 2);
+        const float d = f16_to_f32(s);
+        for (int j = 0; j < kQBlock && b * kQBlock + j < cols; j++)
+            out[b * kQBlock + j] = d * float(int(blk[32 + 64 * (j / 4) + 4 * r + j % 4]) - 128);
+    }
+}
+
+void dequantize_row_q4(const uint8_t* packed, int cols, int row, float* out) {
+    const int B = q_blocks(cols), g = row / kQRows, r = row % kQRows;
+    for (int b = 0; b < B; b++) {
+        const uint8_t* blk = packed + (size_t(g) * B + b) * kQ4BlockBytes;
+        uint16_t s;
+        std::memcpy(&s, blk + 2 * r, 2);
+        const float d = f16_to_f32(s);
+        for (int j = 0; j < kQBlock && b * kQBlock + j < cols; j++) {
+            const uint8_t byte = blk[32 + 64 * (j / 8) + 4 * r + j % 4];
+            const int q = (j % 8) < 4 ? (byte & 15) : (byte >> 4);
+            out[b * kQBlock + j] = d * float(q - 8);
+        }
+    }
+}
+
+}  // namespace qwen2rt

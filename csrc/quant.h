@@ -1,0 +1,59 @@
+// Quantized weight formats q8 and q4, and the int8 activations they are multiplied with.
+// docs/formats.md explains the choices; in short:
+//
+// A weight matrix [N rows, K cols] is cut into groups of 16 rows (one AVX-512 register holds one
+// int32 accumulator per row) and blocks of 32 columns (one scale per row and block). Rows past N
+// and columns past K are zero padding. The bytes of one (row group, block) are contiguous:
+//
+//   q8 (8.5 bits/weight, 544 bytes):  f16 scale[16] | 8 x (16 rows x 4 uint8)
+//       byte 32 + 64*g + 4*r + j holds q + 128 for row r, column 4g + j; w = scale[r] * q, q in -127..127
+//   q4 (4.5 bits/weight, 288 bytes):  f16 scale[16] | 4 x (16 rows x 4 uint8)
+//       byte 32 + 64*g + 4*r + j holds q(column 8g + j) | q(column 8g + 4 + j) << 4 for row r;
+//       w = scale[r] * (q - 8), q in 0..15
+//
+// so that 64 bytes are one register of 16 rows x 4 columns: `vpdpbusd` multiplies it with 4
+// activation bytes broadcast to every lane and adds into 16 row sums, with no horizontal
+// reduction. Weights are the unsigned operand (q + 128, or the nibble itself); the activation is
+// int8, so the offset (128 or 8) times the sum of the activation block is subtracted once per block.
+//
+// Activations are quantized once per input vector, per block of 32: int8 q, f32 scale, and the
+// block's sum of q.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace qwen2rt {
+
+constexpr int kQRows = 16;   // rows interleaved in one group
+constexpr int kQBlock = 32;  // columns sharing one scale
+constexpr size_t kQ8BlockBytes = 32 + 512;
+constexpr size_t kQ4BlockBytes = 32 + 256;
+
+static inline int q_row_groups(int rows) { return (rows + kQRows - 1) / kQRows; }
+static inline int q_blocks(int cols) { return (cols + kQBlock - 1) / kQBlock; }
+
+// Bytes of a packed [rows, cols] matrix.
+size_t q8_bytes(int rows, int cols);
+size_t q4_bytes(int rows, int cols);
+
+// Quantize a row-major float32 matrix into the packed layout (rows of W are `ldw` floats apart).
+// q8: scale = max|w| / 127, round to nearest. q4: for each block the scale is chosen among
+// candidates around max|w| / 8 to minimise the squared error (see docs/formats.md).
+void quantize_q8(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads);
+void quantize_q4(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads);
+
+// One row of a packed matrix back to float32 (cols values): embedding lookups and tests.
+void dequantize_row_q8(const uint8_t* packed, int cols, int row, float* out);
+void dequantize_row_q4(const uint8_t* packed, int cols, int row, float* out);
+
+// Activation rows quantized for the q8/q4 matmuls: for M rows of K values, K padded to a multiple
+// of 32; q [M, Kp] int8, d [M, Kp/32] scales, s [M, Kp/32] block sums of q.
+struct QuantizedActs {
+    int8_t* q = nullptr;
+    float* d = nullptr;
+    int32_t* s = nullptr;
+    int blocks = 0;  // per row
+};
+
+}  // namespace qwen2rt

@@ -1,0 +1,113 @@
+"""q8 / q4 packing and the integer matmul kernels of every ISA path, against numpy."""
+
+import numpy as np
+import pytest
+
+from qwen2rt import _core
+
+ISAS = _core.available_isas()
+K_ = _core.kernels
+rng = np.random.default_rng(99)
+
+
+def acts_ref(X):
+    """Activation quantization as the kernels define it: blocks of 32, scale max|x|/127."""
+    M, K = X.shape
+    B = -(-K // 32)
+    Xp = np.zeros((M, B * 32), np.float32)
+    Xp[:, :K] = X
+    blocks = Xp.reshape(M, B, 32)
+    amax = np.abs(blocks).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv[..., None]).astype(np.int8)  # rint: round half to even, as the kernels
+    return q.reshape(M, B * 32), (amax / np.float32(127)).astype(np.float32), q.astype(np.int32).sum(-1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("K", [1, 31, 32, 33, 100, 896])
+def test_quantize_acts(isa, M, K):
+    X = (3 * rng.standard_normal((M, K))).astype(np.float32)
+    X[0, : min(K, 3)] = 0  # a block that starts with zeros
+    if M > 1:
+        X[1] = 0  # an all-zero row: scale 0, q 0
+    q, d, s = K_.quantize_acts(isa, X)
+    rq, rd, rs = acts_ref(X)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(s, rs)
+    np.testing.assert_allclose(d, rd, rtol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("N, K", [(1, 32), (15, 64), (16, 96), (17, 100), (40, 33), (33, 896)])
+def test_pack_roundtrip(fmt, N, K):
+    W = rng.standard_normal((N, K)).astype(np.float32)
+    packed = K_.quantize_weights(fmt, W)
+    assert packed.size == -(-N // 16) * -(-K // 32) * (544 if fmt == "q8" else 288)
+    Wd = K_.dequantize_weights(fmt, packed, N, K)
+    Bp = -(-K // 32) * 32
+    Wp = np.zeros((N, Bp), np.float32)
+    Wp[:, :K] = W
+    amax = np.abs(Wp.reshape(N, -1, 32)).max(-1, keepdims=True)
+    err = np.abs(Wd - W).reshape(N, -1)
+    err_blocks = np.zeros((N, Bp), np.float32)
+    err_blocks[:, :K] = err
+    if fmt == "q8":  # round to nearest: at most half a step of max|w| / 127
+        assert (err_blocks.reshape(N, -1, 32) <= amax / 254 * 1.01 + 1e-7).all()
+    else:  # least-squares scales trade a clamped outlier for the rest: bound the RMS error
+        rms = np.sqrt((err**2).mean() / (W**2).mean())
+        assert rms < 0.12, rms
+
+
+def test_q4_scale_search_beats_plain_q4_0():
+    """The searched q4 scales give a lower squared error than Q4_0's max/-8 rule on Gaussian rows."""
+    W = rng.standard_normal((64, 4096)).astype(np.float32)
+    Wd = K_.dequantize_weights("q4", K_.quantize_weights("q4", W), 64, 4096)
+    blocks = W.reshape(64, -1, 32)
+    idx = np.abs(blocks).argmax(-1)[..., None]
+    mx = np.take_along_axis(blocks, idx, -1)
+    d = (mx / -8).astype(np.float16).astype(np.float32)
+    inv = np.where(d != 0, 1 / np.where(d != 0, d, 1), 0)
+    q0 = np.clip(np.rint(blocks * inv), -8, 7)
+    plain = ((q0 * d - blocks) ** 2).mean()
+    ours = ((Wd - W) ** 2).mean()
+    assert ours < 0.97 * plain, (ours, plain)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("M", [1, 3, 5, 17, 33, 70])
+@pytest.mark.parametrize("N, K", [(1, 32), (16, 64), (17, 100), (40, 33), (48, 896)])
+def test_matmul_q(isa, fmt, M, N, K):
+    X = (2 * rng.standard_normal((M, K))).astype(np.float32)
+    W = rng.standard_normal((N, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    packed = K_.quantize_weights(fmt, W)
+    q, d, s = K_.quantize_acts(isa, X)
+    Y = K_.matmul_q(isa, fmt, q, d, s, K, packed, N, bias)
+    # the same numbers in float64: dequantized weights times dequantized activations
+    Wd = K_.dequantize_weights(fmt, packed, N, K).astype(np.float64)
+    Xd = (q.reshape(M, -1, 32).astype(np.float64) * d[..., None]).reshape(M, -1)[:, :K]
+    want = Xd @ Wd.T + bias
+    np.testing.assert_allclose(Y, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # and close to the float product (quantization error only)
+    exact = X.astype(np.float64) @ W.T.astype(np.float64) + bias
+    scale = np.abs(X).astype(np.float64) @ np.abs(W).T.astype(np.float64)  # sum |x| |w|: no cancellation
+    rel = (np.abs(Y - exact) / scale).max()
+    assert rel < (0.02 if fmt == "q8" else 0.15), rel
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_matmul_q_extreme_activations(isa):
+    """Activations at +-127 with weights at the ends of their range: no int16 saturation (AVX2)."""
+    K, N = 64, 16
+    X = np.full((2, K), 5.0, np.float32)
+    X[1, ::2] = -5.0
+    W = np.full((N, K), 1.0, np.float32)
+    W[::2] *= -1
+    for fmt in ("q8", "q4"):
+        packed = K_.quantize_weights(fmt, W)
+        q, d, s = K_.quantize_acts(isa, X)
+        Y = K_.matmul_q(isa, fmt, q, d, s, K, packed, N)
+        Wd = K_.dequantize_weights(fmt, packed, N, K).astype(np.float64)
+        np.testing.assert_allclose(Y, X.astype(np.float64) @ Wd.T, rtol=1e-5)
