@@ -47,6 +47,9 @@ def _run_qwen2rt(spec: dict) -> dict:
     t0 = time.perf_counter()
     m = qwen2rt.Model(spec["model"], dtype=spec["dtype"], threads=spec["threads"], max_context=spec["max_context"])
     out = {"load_s": time.perf_counter() - t0, "weight_bytes": m._core.weight_bytes, "isa": qwen2rt.system_info()["isa"]}
+    # bytes a decode step reads: every matrix but the embedding table (unless it is the tied lm_head)
+    embed = m._core.tensor_bytes("model.embed_tokens.weight")[1].nbytes
+    out["read_bytes_per_token"] = m._core.weight_bytes - (0 if m.config.tie_word_embeddings else embed)
     ids = _prompt_ids(m.tokenize, max(spec["prompts"] + spec["contexts"] + [8]))
     for p in spec["prompts"]:
         m.reset()
@@ -160,13 +163,19 @@ def _run_llama(spec: dict) -> dict:
     llm = llama_cpp.Llama(model_path=path, n_ctx=spec["max_context"], n_threads=spec["threads"],
                           n_threads_batch=spec["threads"], n_batch=512, verbose=False)
     out = {"load_s": time.perf_counter() - t0, "weight_bytes": os.path.getsize(path)}
+    from qwen2rt.gguf_io import GGUFFile
+
+    g = GGUFFile(path)  # bytes a decode step reads: every tensor but the embedding table
+    out["read_bytes_per_token"] = sum(t.nbytes for n, t in g.tensors.items() if n != "token_embd.weight")
     ids = _prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False),
                       max(spec["prompts"] + spec["contexts"] + [8]))
 
-    def argmax_last() -> int:
-        import numpy as np
+    import numpy as np
 
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    n_vocab = llm.n_vocab()
+
+    def argmax_last() -> int:  # the last evaluated token's logits (llama-cpp-python keeps no copy)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
 
     for p in spec["prompts"]:
         llm.reset()
@@ -206,7 +215,7 @@ def child_main(spec_json: str) -> None:
 
 
 def available_engines() -> list[str]:
-    out = ["qwen2rt-f32", "qwen2rt-bf16"]
+    out = ["qwen2rt-f32", "qwen2rt-bf16", "qwen2rt-q8", "qwen2rt-q4"]
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -238,7 +247,7 @@ def weights_read_per_token(cfg) -> int:
     return L * (h * qd + 2 * h * kvd + qd * h + 3 * h * i) + cfg.vocab_size * h
 
 
-BITS = {"f32": 32, "bf16": 16, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "source": None}
+BITS = {"f32": 32, "bf16": 16, "q8": 8.5, "q4": 4.5, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "source": None}
 
 
 def main() -> None:
@@ -298,8 +307,9 @@ def main() -> None:
         row["decode_tok_s"] = a.decode / med["decode_s"]
         for c in contexts:
             row[f"decode@{c}_tok_s"] = a.decode / med[f"decode_at_{c}_s"]
-        if bits:
-            row["decode_GB_s"] = row["decode_tok_s"] * per_token * bits / 8 / 1e9
+        read = med.get("read_bytes_per_token") or (per_token * bits / 8 if bits else None)
+        if read:
+            row["decode_GB_s"] = row["decode_tok_s"] * read / 1e9
             row["roofline_pct"] = 100 * row["decode_GB_s"] / (bw / 1e9)
         row["prefill_GFLOP_s"] = row[f"prefill{prompts[-1]}_tok_s"] * 2 * (per_token - cfg.vocab_size * cfg.hidden_size) / 1e9
         rows[e] = row

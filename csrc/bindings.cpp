@@ -30,7 +30,9 @@ DType parse_dtype(const std::string& s) {
     if (s == "f32" || s == "float32") return DType::F32;
     if (s == "bf16" || s == "bfloat16") return DType::BF16;
     if (s == "f16" || s == "float16") return DType::F16;
-    throw InvalidArgument("unknown dtype '" + s + "' (expected f32, bf16 or f16)");
+    if (s == "q8") return DType::Q8;
+    if (s == "q4") return DType::Q4;
+    throw InvalidArgument("unknown dtype '" + s + "' (expected f32, bf16, f16, q8 or q4)");
 }
 
 unsigned long g_main_thread = 0;
@@ -75,7 +77,7 @@ struct PyModel {
     }
 
     bool set_tensor(const std::string& name, py::buffer arr, const std::string& src_dtype,
-                    const std::vector<int64_t>& shape, bool may_borrow) {
+                    const std::vector<int64_t>& shape, bool may_borrow, py::object dtype) {
         BusyGuard g(busy);
         py::buffer_info info = arr.request();
         if (info.ndim > 0) {  // C-contiguous only: C++ reads the bytes in order
@@ -88,10 +90,12 @@ struct PyModel {
         }
         const size_t nbytes = size_t(info.size) * size_t(info.itemsize);
         const DType src = parse_dtype(src_dtype);
+        const DType target = dtype.is_none() ? model->dtype() : parse_dtype(dtype.cast<std::string>());
+        if (target == DType::F16) throw InvalidArgument("matrices are held as f32, bf16, q8 or q4");
         bool kept;
         {
             py::gil_scoped_release nogil;
-            kept = model->set_tensor(name, info.ptr, src, shape, nbytes, may_borrow);
+            kept = model->set_tensor(name, info.ptr, src, shape, nbytes, may_borrow, target);
         }
         if (kept) borrowed.push_back(arr);
         return kept;
@@ -252,8 +256,22 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<const py::dict&, const std::string&, int, int>(), py::arg("config"), py::arg("dtype"),
              py::arg("threads"), py::arg("max_context"))
         .def("set_tensor", &PyModel::set_tensor, py::arg("name"), py::arg("array"), py::arg("src_dtype"),
-             py::arg("shape"), py::arg("may_borrow") = true)
+             py::arg("shape"), py::arg("may_borrow") = true, py::arg("dtype") = py::none(),
+             "Hand over a tensor; matrices are stored as `dtype` (default: the model's)")
         .def("missing_tensors", [](PyModel& s) { return s.model->missing_tensors(); })
+        .def(
+            "tensor_bytes",
+            [](py::object self, const std::string& name) -> py::object {
+                PyModel& s = self.cast<PyModel&>();
+                const Qwen2Model::TensorView v = s.model->tensor_view(name);
+                if (!v.data) return py::none();
+                // a read-only view of the model's own memory; it keeps the model alive
+                py::array_t<uint8_t> a({py::ssize_t(v.nbytes)}, {py::ssize_t(1)},
+                                       static_cast<const uint8_t*>(v.data), self);
+                py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+                return py::make_tuple(std::string(dtype_name(v.dtype)), a, v.rows, v.cols);
+            },
+            py::arg("name"), "(dtype, bytes, rows, cols) of a stored tensor, or None")
         .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("start_pos"), py::arg("all_logits") = false)
         .def("reset", [](PyModel& s) {
             BusyGuard g(s.busy);

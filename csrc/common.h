@@ -11,19 +11,24 @@
 
 namespace qwen2rt {
 
-// Element type of a weight matrix (or of a source tensor handed over by the loader).
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+// Element type of a weight matrix (or of a source tensor handed over by the loader). Q8 and Q4 are
+// the packed block formats of quant.h.
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4 };
 
 inline const char* dtype_name(DType t) {
     switch (t) {
         case DType::F32: return "f32";
         case DType::BF16: return "bf16";
         case DType::F16: return "f16";
+        case DType::Q8: return "q8";
+        case DType::Q4: return "q4";
     }
     return "?";
 }
 
+// Bytes per element of the plain types (f32, bf16, f16).
 inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+inline bool is_quantized(DType t) { return t == DType::Q8 || t == DType::Q4; }
 
 // Raised for bad input the caller can fix (mapped to ValueError-like Python exceptions).
 struct InvalidArgument : std::invalid_argument {

@@ -48,7 +48,8 @@ struct Kernels {
     // zero-padded), per block the scale d = max|x| / 127 and the sum s of its q.
     void (*quantize_acts)(const float* X, int ldx, int M, int K, int8_t* q, float* d, int32_t* s);
     // Y[m*ldy + n] = sum_k x[m,k] w[n,k] (+ bias[n]) for n0 <= n < n1 (n0 a multiple of 16), with x
-    // the quantized activations above and W a packed q8 / q4 matrix of K columns.
+    // the quantized activations above and W a packed q8 / q4 matrix of K columns. n0 must start a
+    // 16-row group.
     void (*matmul_q8)(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
                       const float* bias, float* Y, int ldy, int n0, int n1);
     void (*matmul_q4)(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,

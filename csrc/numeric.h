@@ -59,4 +59,8 @@ static inline uint16_t f32_to_f16(float f) {
     return uint16_t(sign | ((x - 0x38000000u) >> 13));
 }
 
+// Round to nearest, ties to even, for |v| < 2^22: adding and removing 1.5 * 2^23 leaves the
+// float's integer part. Unlike nearbyint (a library call without SSE4.1) it vectorises.
+static inline float round_even(float v) { return (v + 12582912.f) - 12582912.f; }
+
 }  // namespace qwen2rt

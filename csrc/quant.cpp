@@ -29,14 +29,23 @@ void quantize_block_q8(const float* v, uint16_t& scale, int8_t* q) {
     const float d = f16_to_f32(scale);
     const float inv = d > 0.f ? 1.f / d : 0.f;
     for (int j = 0; j < kQBlock; j++) {
-        const float x = std::nearbyint(v[j] * inv);
-        q[j] = int8_t(x > 127.f ? 127.f : (x < -127.f ? -127.f : x));
+        float x = round_even(v[j] * inv);
+        x = x < 127.f ? x : 127.f;
+        q[j] = int8_t(x > -127.f ? x : -127.f);
     }
 }
 
-// q4: levels -8..7 times a scale. Like Q4_0 the value of largest magnitude goes to the -8 end
+// q4: levels -8..7 times a scale. Like Q4_0, the value of largest magnitude goes to the -8 end
 // (scale = -max / t), but t is searched in 7..9 and each candidate's scale is refit by least
-// squares for its levels; the pair with the smallest squared error wins.
+// squares for its levels; the candidate with the smallest squared error wins. With the least-
+// squares scale d = <v,l> / <l,l>, the error is |v|^2 - <v,l>^2 / <l,l>: one pass per candidate.
+// Clamped in integers, which vectorise (float min/max with their NaN rules do not).
+inline float clamp_level(float l) {
+    int i = int(l);
+    i = i < 7 ? i : 7;
+    return float(i > -8 ? i : -8);
+}
+
 void quantize_block_q4(const float* v, uint16_t& scale, uint8_t* q) {
     float mx = 0.f;
     for (int j = 0; j < kQBlock; j++)
@@ -46,36 +55,26 @@ void quantize_block_q4(const float* v, uint16_t& scale, uint8_t* q) {
         for (int j = 0; j < kQBlock; j++) q[j] = 8;
         return;
     }
-    float best_err = INFINITY, best_d = 0.f;
+    float best_gain = -1.f, best_d = -mx / 8.f;
     for (int step = 0; step <= 8; step++) {
-        const float t = 7.0f + 0.25f * float(step);
-        const float d0 = -mx / t;
-        const float inv = 1.f / d0;
-        float sxq = 0.f, sqq = 0.f;
-        int8_t lv[kQBlock];
-        for (int j = 0; j < kQBlock; j++) {
-            float l = std::nearbyint(v[j] * inv);
-            l = l > 7.f ? 7.f : (l < -8.f ? -8.f : l);
-            lv[j] = int8_t(l);
-            sxq += v[j] * l;
-            sqq += l * l;
-        }
-        const float d = sqq > 0.f ? sxq / sqq : d0;  // least-squares scale for these levels
-        const float dh = f16_to_f32(f32_to_f16(d));
-        float err = 0.f;
-        for (int j = 0; j < kQBlock; j++) {
-            const float e = v[j] - dh * float(lv[j]);
-            err += e * e;
-        }
-        if (err < best_err) best_err = err, best_d = d;
+        const float inv = -(7.0f + 0.25f * float(step)) / mx;
+        float lane_xl[8] = {}, lane_ll[8] = {};  // 8 independent sums: the loop vectorises
+        for (int j0 = 0; j0 < kQBlock; j0 += 8)
+            for (int k = 0; k < 8; k++) {
+                const float l = clamp_level(round_even(v[j0 + k] * inv));
+                lane_xl[k] += v[j0 + k] * l;
+                lane_ll[k] += l * l;
+            }
+        float sxl = 0.f, sll = 0.f;
+        for (int k = 0; k < 8; k++) sxl += lane_xl[k], sll += lane_ll[k];
+        const float gain = sll > 0.f ? sxl * sxl / sll : 0.f;  // |v|^2 - error
+        if (gain > best_gain) best_gain = gain, best_d = sxl / sll;
     }
     scale = f32_to_f16(best_d);
     const float d = f16_to_f32(scale);
     const float inv = d != 0.f ? 1.f / d : 0.f;
     for (int j = 0; j < kQBlock; j++) {
-        float l = std::nearbyint(v[j] * inv);
-        l = l > 7.f ? 7.f : (l < -8.f ? -8.f : l);
-        q[j] = uint8_t(int(l) + 8);
+        q[j] = uint8_t(int(clamp_level(round_even(v[j] * inv))) + 8);
     }
 }
 

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <string>
 
 #ifdef _OPENMP
@@ -23,6 +24,7 @@
 #endif
 
 #include "kernels.h"
+#include "quant.h"
 
 namespace qwen2rt {
 
@@ -53,14 +55,43 @@ struct Team {
     }
 };
 
+// The input rows of one or more matmuls: float32, and their int8 form (quant.h) for q8 / q4
+// matrices, made once per input and shared by every matrix that reads it.
+struct MatmulInput {
+    const float* x;
+    int K;  // row length
+    int8_t* q;
+    float* d;
+    int32_t* s;
+
+    int blocks() const { return q_blocks(K); }
+    // Quantizes row t (the caller splits rows across threads and syncs before the matmuls).
+    void quantize_row(const Kernels& Kn, int t) const {
+        const size_t B = size_t(blocks());
+        Kn.quantize_acts(x + size_t(t) * K, K, 1, K, q + size_t(t) * B * kQBlock, d + size_t(t) * B, s + size_t(t) * B);
+    }
+    MatmulInput from_row(int r) const {
+        const size_t B = size_t(blocks());
+        return {x + size_t(r) * K, K, q + size_t(r) * B * kQBlock, d + size_t(r) * B, s + size_t(r) * B};
+    }
+};
+
 // Y[:, a:b] = X W[a:b]^T (+ bias) for this thread's rows [a, b) of W.
-void matmul_rows(const Kernels& K, const float* X, int M, const Matrix& W, const float* bias, float* Y, int ldy,
-                 int a, int b) {
+void matmul_rows(const Kernels& K, const MatmulInput& in, int M, const Matrix& W, const float* bias, float* Y,
+                 int ldy, int a, int b) {
     if (a >= b) return;
-    if (W.dtype == DType::F32)
-        K.matmul_f32(X, W.cols, M, W.cols, static_cast<const float*>(W.data), bias, Y, ldy, a, b);
-    else
-        K.matmul_bf16(X, W.cols, M, W.cols, static_cast<const uint16_t*>(W.data), bias, Y, ldy, a, b);
+    const auto* packed = static_cast<const uint8_t*>(W.data);
+    switch (W.dtype) {
+        case DType::F32:
+            K.matmul_f32(in.x, in.K, M, W.cols, static_cast<const float*>(W.data), bias, Y, ldy, a, b);
+            break;
+        case DType::BF16:
+            K.matmul_bf16(in.x, in.K, M, W.cols, static_cast<const uint16_t*>(W.data), bias, Y, ldy, a, b);
+            break;
+        case DType::Q8: K.matmul_q8(in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
+        case DType::Q4: K.matmul_q4(in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
+        default: break;
+    }
 }
 
 float* f32(const AlignedBuffer& b) { return b.as<float>(); }
@@ -101,8 +132,7 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
          "sizes out of range");
     need(cfg.rms_norm_eps > 0 && std::isfinite(cfg.rms_norm_eps), "rms_norm_eps must be positive");
     need(cfg.rope_theta > 0 && std::isfinite(cfg.rope_theta), "rope_theta must be positive");
-    if (weight_dtype != DType::F32 && weight_dtype != DType::BF16)
-        throw InvalidArgument("weights can be held as f32 or bf16");
+    if (weight_dtype == DType::F16) throw InvalidArgument("weights can be held as f32, bf16, q8 or q4");
     if (max_context < 1 || max_context > (1 << 24)) throw InvalidArgument("max_context must be in 1..16777216");
     if (threads_ < 1) threads_ = 1;
 #ifndef _OPENMP
@@ -126,6 +156,10 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
     s_.gate = AlignedBuffer(C * I * 4);
     s_.up = AlignedBuffer(C * I * 4);
     s_.rope = AlignedBuffer(C * cfg.head_dim * 4);
+    const size_t widest = std::max({H, QD, I});  // the longest input row a matmul quantizes
+    s_.act_q = AlignedBuffer(C * size_t(q_blocks(int(widest))) * kQBlock);
+    s_.act_d = AlignedBuffer(C * size_t(q_blocks(int(widest))) * 4);
+    s_.act_s = AlignedBuffer(C * size_t(q_blocks(int(widest))) * 4);
     s_.scores = AlignedBuffer(checked_mul(size_t(threads_) * group * size_t(max_context), 4));
 }
 
@@ -193,8 +227,15 @@ static void convert(const void* src, DType from, void* dst, DType to, size_t n, 
     }
 }
 
+// Bytes of a [rows, cols] matrix stored as `t`.
+static size_t matrix_bytes(DType t, int rows, int cols) {
+    if (t == DType::Q8) return q8_bytes(rows, cols);
+    if (t == DType::Q4) return q4_bytes(rows, cols);
+    return checked_mul(checked_mul(size_t(rows), size_t(cols)), dtype_size(t));
+}
+
 bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
-                            size_t nbytes, bool may_borrow) {
+                            size_t nbytes, bool may_borrow, DType target) {
     int rows = 0, cols = 0, len = 0;
     Matrix* m = find_matrix(name, rows, cols);
     std::vector<float>* v = m ? nullptr : find_vector(name, len);
@@ -210,29 +251,57 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     if (shape != want)
         throw InvalidArgument("tensor '" + name + "' has shape " + shape_str(shape) + ", the config implies " +
                               shape_str(want));
-    const size_t count = m ? size_t(rows) * size_t(cols) : size_t(len);
-    if (!data || nbytes < checked_mul(count, dtype_size(src)))
-        throw InvalidArgument("tensor '" + name + "' holds " + std::to_string(nbytes) + " bytes, needs " +
-                              std::to_string(count * dtype_size(src)));
+    if (v && is_quantized(src)) throw InvalidArgument("tensor '" + name + "' is a vector: it cannot be " + dtype_name(src));
+    const size_t need = m ? matrix_bytes(src, rows, cols) : checked_mul(size_t(len), dtype_size(src));
+    if (!data || nbytes != need)
+        throw InvalidArgument("tensor '" + name + "' holds " + std::to_string(nbytes) + " bytes, its shape as " +
+                              dtype_name(src) + " needs " + std::to_string(need));
 
     if (v) {
-        v->assign(count, 0.f);
-        convert(data, src, v->data(), DType::F32, count, threads_);
+        v->assign(size_t(len), 0.f);
+        convert(data, src, v->data(), DType::F32, size_t(len), threads_);
         return false;
     }
+    if (is_quantized(src) && src != target)
+        throw InvalidArgument("tensor '" + name + "' is " + dtype_name(src) + "; it cannot be converted to " +
+                              dtype_name(target));
     m->rows = rows;
     m->cols = cols;
-    m->dtype = dtype_;
-    const size_t align = dtype_size(dtype_);
-    if (may_borrow && src == dtype_ && reinterpret_cast<uintptr_t>(data) % align == 0) {
-        m->owned = AlignedBuffer();
+    m->dtype = target;
+    const size_t align = is_quantized(target) ? 1 : dtype_size(target);
+    if (may_borrow && src == target && reinterpret_cast<uintptr_t>(data) % align == 0) {
+        m->owned = AlignedBuffer();  // points into the caller's (mapped) memory: no copy
         m->data = data;
         return true;
     }
-    m->owned = AlignedBuffer(checked_mul(count, dtype_size(dtype_)));
-    convert(data, src, m->owned.data(), dtype_, count, threads_);
+    m->owned = AlignedBuffer(matrix_bytes(target, rows, cols));
+    if (is_quantized(target)) {
+        const size_t count = size_t(rows) * size_t(cols);
+        AlignedBuffer tmp;
+        const float* f = static_cast<const float*>(data);
+        if (src != DType::F32) {
+            tmp = AlignedBuffer(checked_mul(count, 4));
+            convert(data, src, tmp.data(), DType::F32, count, threads_);
+            f = tmp.as<float>();
+        }
+        (target == DType::Q8 ? quantize_q8 : quantize_q4)(f, rows, cols, size_t(cols), m->owned.as<uint8_t>(), threads_);
+    } else {
+        convert(data, src, m->owned.data(), target, size_t(rows) * size_t(cols), threads_);
+    }
     m->data = m->owned.data();
     return false;
+}
+
+Qwen2Model::TensorView Qwen2Model::tensor_view(const std::string& name) {
+    int rows = 0, cols = 0, len = 0;
+    if (name == "lm_head.weight" && cfg_.tie_word_embeddings) return {DType::F32, nullptr, 0, 0, 0};
+    if (Matrix* m = find_matrix(name, rows, cols)) {
+        if (!m->data) return {m->dtype, nullptr, 0, rows, cols};
+        return {m->dtype, m->data, matrix_bytes(m->dtype, rows, cols), rows, cols};
+    }
+    if (std::vector<float>* v = find_vector(name, len))
+        return {DType::F32, v->empty() ? nullptr : v->data(), v->size() * 4, len, 0};
+    return {DType::F32, nullptr, 0, 0, 0};
 }
 
 std::vector<std::string> Qwen2Model::missing_tensors() const {
@@ -260,7 +329,7 @@ std::vector<std::string> Qwen2Model::missing_tensors() const {
 }
 
 size_t Qwen2Model::weight_bytes() const {
-    auto mb = [](const Matrix& m) { return size_t(m.rows) * m.cols * dtype_size(m.dtype); };
+    auto mb = [](const Matrix& m) { return m.data ? matrix_bytes(m.dtype, m.rows, m.cols) : size_t(0); };
     size_t total = mb(embed_tokens_) + mb(lm_head_) + norm_.size() * 4;
     for (const LayerWeights& L : layers_)
         total += mb(L.q_proj) + mb(L.k_proj) + mb(L.v_proj) + mb(L.o_proj) + mb(L.gate_proj) + mb(L.up_proj) +
@@ -272,11 +341,17 @@ size_t Qwen2Model::weight_bytes() const {
 
 void Qwen2Model::embed(int token, float* out) const {
     const size_t H = cfg_.hidden_size;
-    if (embed_tokens_.dtype == DType::F32) {
-        std::memcpy(out, static_cast<const float*>(embed_tokens_.data) + size_t(token) * H, H * 4);
-    } else {
-        const uint16_t* row = static_cast<const uint16_t*>(embed_tokens_.data) + size_t(token) * H;
-        for (size_t i = 0; i < H; i++) out[i] = bf16_to_f32(row[i]);
+    const Matrix& E = embed_tokens_;
+    switch (E.dtype) {
+        case DType::F32:
+            std::memcpy(out, static_cast<const float*>(E.data) + size_t(token) * H, H * 4);
+            break;
+        case DType::Q8: dequantize_row_q8(static_cast<const uint8_t*>(E.data), E.cols, token, out); break;
+        case DType::Q4: dequantize_row_q4(static_cast<const uint8_t*>(E.data), E.cols, token, out); break;
+        default: {
+            const uint16_t* row = static_cast<const uint16_t*>(E.data) + size_t(token) * H;
+            for (size_t i = 0; i < H; i++) out[i] = bf16_to_f32(row[i]);
+        }
     }
 }
 
@@ -322,8 +397,17 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* lo
     const int QD = c.num_heads * D, KVD = c.num_kv_heads * D, G = c.num_heads / c.num_kv_heads;
     const float eps = c.rms_norm_eps;
     const float scale = float(1.0 / std::sqrt(double(D)));
+    // q/k/v rows are split in whole heads (a thread ropes its own heads) and whole 16-row groups
+    // (the packed q8/q4 layouts start a thread's share on a group boundary).
+    const int heads_align = std::lcm(D, kQRows);
     float *x = f32(s_.x), *xn = f32(s_.xn), *q = f32(s_.q), *k = f32(s_.k), *v = f32(s_.v);
     float *att = f32(s_.att), *proj = f32(s_.proj), *gate = f32(s_.gate), *up = f32(s_.up), *rope = f32(s_.rope);
+    // Inputs of the matmuls; the int8 buffers are shared, each input quantized just before use.
+    int8_t* aq = s_.act_q.as<int8_t>();
+    float* ad = s_.act_d.as<float>();
+    int32_t* as = s_.act_s.as<int32_t>();
+    const MatmulInput in_x{xn, H, aq, ad, as}, in_att{att, QD, aq, ad, as}, in_h{gate, I, aq, ad, as};
+    auto quantized = [](const Matrix& m) { return is_quantized(m.dtype); };
     bool stop = false;
 
 #pragma omp parallel num_threads(threads_)
@@ -349,19 +433,22 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* lo
             const LayerWeights& w = layers_[l];
 
             // --- self-attention ---
-            for (int t = team.tid; t < n; t += team.nth)
+            const bool q_qkv = quantized(w.q_proj) || quantized(w.k_proj) || quantized(w.v_proj);
+            for (int t = team.tid; t < n; t += team.nth) {
                 K.rmsnorm(x + size_t(t) * H, w.input_layernorm.data(), eps, H, xn + size_t(t) * H);
+                if (q_qkv) in_x.quantize_row(K, t);
+            }
             team.sync();
 
             // q, k, v projections with their biases; a thread owns whole heads, so it applies RoPE
             // to its own heads and writes its k and v heads into the cache without waiting.
-            team.split(QD, D, a, b);
-            matmul_rows(K, xn, n, w.q_proj, w.q_bias.data(), q, QD, a, b);
+            team.split(QD, heads_align, a, b);
+            matmul_rows(K, in_x, n, w.q_proj, w.q_bias.data(), q, QD, a, b);
             for (int t = 0; t < n; t++)
                 for (int h = a / D; h < b / D; h++) K.rope(q + size_t(t) * QD + h * D, rope + size_t(t) * D, rope + size_t(t) * D + half, half);
-            team.split(KVD, D, a, b);
-            matmul_rows(K, xn, n, w.k_proj, w.k_bias.data(), k, KVD, a, b);
-            matmul_rows(K, xn, n, w.v_proj, w.v_bias.data(), v, KVD, a, b);
+            team.split(KVD, heads_align, a, b);
+            matmul_rows(K, in_x, n, w.k_proj, w.k_bias.data(), k, KVD, a, b);
+            matmul_rows(K, in_x, n, w.v_proj, w.v_bias.data(), v, KVD, a, b);
             for (int h = a / D; h < b / D; h++) {
                 float* kc = cache_.keys(l, h) + size_t(pos0) * D;
                 float* vc = cache_.values(l, h) + size_t(pos0) * D;
@@ -385,29 +472,39 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* lo
             }
             team.sync();
 
+            if (quantized(w.o_proj)) {
+                for (int t = team.tid; t < n; t += team.nth) in_att.quantize_row(K, t);
+                team.sync();
+            }
             team.split(H, 16, a, b);
-            matmul_rows(K, att, n, w.o_proj, nullptr, proj, H, a, b);
+            matmul_rows(K, in_att, n, w.o_proj, nullptr, proj, H, a, b);
             team.sync();
 
             // residual, then the MLP's input norm
+            const bool q_mlp = quantized(w.gate_proj) || quantized(w.up_proj);
             for (int t = team.tid; t < n; t += team.nth) {
                 K.add(x + size_t(t) * H, proj + size_t(t) * H, H);
                 K.rmsnorm(x + size_t(t) * H, w.post_attention_layernorm.data(), eps, H, xn + size_t(t) * H);
+                if (q_mlp) in_x.quantize_row(K, t);
             }
             team.sync();
 
             // --- MLP: down(silu(gate(x)) * up(x)); a thread's gate and up columns are its own, so
             // it applies silu * up to them at once.
             team.split(I, 16, a, b);
-            matmul_rows(K, xn, n, w.gate_proj, nullptr, gate, I, a, b);
-            matmul_rows(K, xn, n, w.up_proj, nullptr, up, I, a, b);
+            matmul_rows(K, in_x, n, w.gate_proj, nullptr, gate, I, a, b);
+            matmul_rows(K, in_x, n, w.up_proj, nullptr, up, I, a, b);
             if (a < b)
                 for (int t = 0; t < n; t++)
                     K.silu_mul(gate + size_t(t) * I + a, up + size_t(t) * I + a, b - a, gate + size_t(t) * I + a);
             team.sync();
 
+            if (quantized(w.down_proj)) {
+                for (int t = team.tid; t < n; t += team.nth) in_h.quantize_row(K, t);
+                team.sync();
+            }
             team.split(H, 16, a, b);
-            matmul_rows(K, gate, n, w.down_proj, nullptr, proj, H, a, b);
+            matmul_rows(K, in_h, n, w.down_proj, nullptr, proj, H, a, b);
             team.sync();
 
             for (int t = team.tid; t < n; t += team.nth) K.add(x + size_t(t) * H, proj + size_t(t) * H, H);
@@ -420,11 +517,13 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* lo
         if (!stop && logits) {
             const int r0 = all_logits ? 0 : n - 1;
             const int nr = n - r0;
-            for (int t = r0 + team.tid; t < n; t += team.nth)
+            for (int t = r0 + team.tid; t < n; t += team.nth) {
                 K.rmsnorm(x + size_t(t) * H, norm_.data(), eps, H, xn + size_t(t) * H);
+                if (quantized(lm_head())) in_x.quantize_row(K, t);
+            }
             team.sync();
             team.split(c.vocab_size, 16, a, b);
-            matmul_rows(K, xn + size_t(r0) * H, nr, lm_head(), nullptr, logits, c.vocab_size, a, b);
+            matmul_rows(K, in_x.from_row(r0), nr, lm_head(), nullptr, logits, c.vocab_size, a, b);
         }
     }
     if (stop) throw Interrupted();

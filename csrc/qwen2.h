@@ -23,8 +23,9 @@ struct Qwen2Config {
     bool tie_word_embeddings = false;
 };
 
-// A row-major [rows, cols] weight matrix in f32 or bf16 (a torch Linear weight: one row per output).
-// `data` points either into `owned` or into memory the caller keeps alive (a mapped file).
+// A [rows, cols] weight matrix (a torch Linear weight: one row per output): row-major f32 or bf16,
+// or packed q8 / q4 (quant.h). `data` points either into `owned` or into memory the caller keeps
+// alive (a mapped file).
 struct Matrix {
     DType dtype = DType::F32;
     int rows = 0, cols = 0;
@@ -68,11 +69,21 @@ class Qwen2Model {
     Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, int max_context);
 
     // Hands over one tensor under its Hugging Face name ("model.layers.3.self_attn.q_proj.weight").
-    // The shape must be the one the config implies and `nbytes` must cover it. When `may_borrow`
-    // and the tensor is already in the model's dtype, the model keeps pointing at `data` (the caller
-    // keeps it alive) and returns true; otherwise it converts into memory of its own and returns false.
+    // The shape must be the one the config implies and `nbytes` exactly its size in `src` (a packed
+    // size for q8 / q4). A matrix is stored as `target` (norms and biases always as f32). When
+    // `may_borrow` and src == target, the model keeps pointing at `data` (the caller keeps it alive)
+    // and returns true; otherwise it converts or quantizes into memory of its own and returns false.
     bool set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
-                    size_t nbytes, bool may_borrow);
+                    size_t nbytes, bool may_borrow, DType target);
+    // The stored bytes of a tensor (a matrix in its dtype, a norm or bias as f32), to write a
+    // converted model; data is nullptr for an unknown or missing name, or the tied lm_head.
+    struct TensorView {
+        DType dtype;
+        const void* data;
+        size_t nbytes;
+        int rows, cols;  // cols = 0 for a vector
+    };
+    TensorView tensor_view(const std::string& name);
     // Names of the tensors still missing (empty when the model is ready).
     std::vector<std::string> missing_tensors() const;
 
@@ -128,6 +139,7 @@ class Qwen2Model {
         AlignedBuffer proj;     // o_proj / down_proj out [chunk, hidden]
         AlignedBuffer gate, up; // MLP                    [chunk, intermediate]
         AlignedBuffer rope;     // cos | sin per position [chunk, head_dim]
+        AlignedBuffer act_q, act_d, act_s;  // a matmul input as int8 blocks (quant.h)
         AlignedBuffer scores;   // attention scores       [threads, group, max_context]
     } s_;
 };

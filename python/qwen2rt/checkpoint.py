@@ -1,8 +1,9 @@
 """Model files on disk: a Hugging Face folder or a GGUF file, seen the same way by Model.
 
 A checkpoint gives the config, the generation defaults, the tokenizer, and the weights as
-(Hugging Face tensor name, numpy array, dtype) — mapped from the file where the bytes can be used
-as they are, dequantized to float32 where they are a GGUF block format.
+(Hugging Face tensor name, numpy array, dtype, logical shape) — mapped from the file where the bytes
+can be used as they are, dequantized to float32 where they are a GGUF block format. A converted
+qwen2rt folder (converted.py) is a Hugging Face folder whose safetensors hold packed q8/q4 bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .config import Qwen2Config, read_json
+from .converted import ConvertedWeights, is_converted
 from .errors import FormatError, ModelNotFoundError, UnsupportedModelError
 from .safetensors_io import DTYPES, SafetensorsFile
 from .tokenizer import Tokenizer
@@ -37,7 +39,15 @@ class HFCheckpoint:
                 raise FormatError(f"{gen_path}: expected a JSON object")
             self.generation_config = gc
         self.files = self._weight_files()
-        self.tokenizer = Tokenizer.from_hf_folder(folder)
+        # Parsing tokenizer.json takes longer than mapping the weights: Model does it on first use.
+        if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+            raise ModelNotFoundError(f"{folder}: tokenizer.json not found")
+        self.load_tokenizer = lambda: Tokenizer.from_hf_folder(folder)
+        # a converted qwen2rt folder: one safetensors file whose metadata names the format
+        self.converted: ConvertedWeights | None = None
+        first = next(iter(self.files.values()), None)
+        if first is not None and is_converted(first.metadata):
+            self.converted = ConvertedWeights(first)
 
     def _weight_files(self) -> dict[str, SafetensorsFile]:
         """tensor name -> the file holding it."""
@@ -66,7 +76,10 @@ class HFCheckpoint:
         hint = f" (found {', '.join(others)}; qwen2rt reads safetensors)" if others else ""
         raise ModelNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json{hint}")
 
-    def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str]]:
+    def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
+        if self.converted is not None:
+            yield from self.converted.tensors()
+            return
         for name, f in self.files.items():
             if name.endswith(IGNORED_TENSOR_SUFFIXES):
                 continue
@@ -76,7 +89,8 @@ class HFCheckpoint:
                     f"{f.path}: tensor {name!r} has dtype {f.tensors[name].dtype}; "
                     f"qwen2rt reads F32, BF16 and F16 weights"
                 )
-            yield name, f.array(name), kind
+            array = f.array(name)
+            yield name, array, kind, list(array.shape)
 
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names.
@@ -118,6 +132,8 @@ class GGUFCheckpoint:
     """A GGUF file (llama.cpp's format): config from the qwen2.* metadata, the tokenizer and chat
     template from tokenizer.* metadata, block-format weights dequantized to float32 at load."""
 
+    converted = None  # never a converted qwen2rt model
+
     def __init__(self, path: str):
         from .gguf_io import GGUFFile
         from .gguf_tokenizer import tokenizer_from_gguf
@@ -126,9 +142,11 @@ class GGUFCheckpoint:
         self.file = GGUFFile(path)
         md = self.file.metadata
         self.config = self._config(md)
-        self.tokenizer = tokenizer_from_gguf(md, source=path)
-        eos = [t for t in (self.tokenizer.eos_token_id,) if t is not None]
-        eos += [i for i in map(self.tokenizer.token_to_id, _END_OF_TURN) if i is not None]
+        self.load_tokenizer = lambda: tokenizer_from_gguf(md, source=path)  # on first use
+        eos = [md["tokenizer.ggml.eos_token_id"]] if isinstance(md.get("tokenizer.ggml.eos_token_id"), int) else []
+        tokens = md.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list):
+            eos += [i for i, t in enumerate(tokens) if t in _END_OF_TURN]
         self.generation_config: dict[str, Any] = {"eos_token_id": sorted(set(eos)), **self._sampling(md)}
         names = {}
         for name in self.file.tensors:
@@ -190,11 +208,11 @@ class GGUFCheckpoint:
             raise UnsupportedModelError(f"{self.path}: partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
         return cfg
 
-    def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str]]:
+    def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
         """Block formats are dequantized in C++ on `threads` threads, one tensor at a time."""
         for hf, name in self.names.items():
             array, kind = self.file.array(name, threads)
-            yield hf, array, kind
+            yield hf, array, kind, list(array.shape)
 
 
 def open_checkpoint(path: str) -> HFCheckpoint | GGUFCheckpoint:

@@ -17,7 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None
         from .registry import DEFAULT_MODEL
 
         p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"model folder, GGUF file or name (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "f32"], help="weight type in memory (default bf16)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32", "q8", "q4"],
+                   help="weight type in memory (default: bf16, or a converted model's own)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: the cores available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's)")
 
@@ -194,6 +195,15 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .converted import convert
+
+    overrides = dict(kv.split("=", 1) for kv in a.override) if a.override else None
+    out = convert(a.src, a.dst, dtype=a.dtype, threads=a.threads, progress=not a.quiet, dtype_overrides=overrides)
+    print(out)
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -267,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("list", help="the registry's models and whether they are pulled")
     ls.set_defaults(func=cmd_list)
 
+    cv = sub.add_parser("convert", help="quantize a model into a folder that loads by mmap")
+    cv.add_argument("src", help="a Hugging Face folder, a GGUF file or a registry name")
+    cv.add_argument("dst", help="output folder")
+    cv.add_argument("--dtype", default="q4", choices=["q4", "q8", "bf16", "f32"])
+    cv.add_argument("--override", action="append", metavar="PART=DTYPE",
+                    help="store matrices whose name contains PART as DTYPE (e.g. lm_head=q8); repeatable")
+    cv.add_argument("--threads", type=int, default=None)
+    cv.add_argument("-q", "--quiet", action="store_true")
+    cv.set_defaults(func=cmd_convert)
+
     pp = sub.add_parser("perplexity", help="perplexity (and KL divergence against a reference) over text files")
     _add_model_args(pp)
     pp.add_argument("files", nargs="+", help="text files (concatenated)")
@@ -274,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--windows", type=int, default=None, help="at most this many windows")
     pp.add_argument("--kl-divergence", metavar="REF", default=None,
                     help="reference: a model (path or name, run with --ref-dtype) or an .npz of saved log-probs")
-    pp.add_argument("--ref-dtype", default="f32", choices=["bf16", "f32"])
+    pp.add_argument("--ref-dtype", default="f32", choices=["bf16", "f32", "q8", "q4"])
     pp.add_argument("--save-logprobs", metavar="NPZ", default=None, help="save this model's log-probs as a reference")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=cmd_perplexity)

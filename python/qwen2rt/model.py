@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -17,8 +18,32 @@ from .errors import (
     OutOfMemoryError,
 )
 from .generation import Generation, IncrementalDetokenizer, SamplingSettings, StopStrings, TextStream
+from .tokenizer import Tokenizer
 
-WEIGHT_DTYPES = ("bf16", "f32")
+WEIGHT_DTYPES = ("bf16", "f32", "q8", "q4")
+# Matrices that stay in q8 when the rest is q4: the quality table in docs/formats.md shows they pay
+# (the lm_head is the last word on every logit; v_proj is small and sensitive).
+Q4_KEEP_Q8 = ("lm_head", "v_proj")
+# Bits per weight of each matrix dtype (q8 / q4 include their f16 block scales; docs/formats.md).
+BITS_PER_WEIGHT = {"f32": 32.0, "bf16": 16.0, "q8": 8.5, "q4": 4.5}
+
+
+def matrix_dtype_policy(dtype: str, overrides: dict[str, str] | None, tied: bool):
+    """name -> the dtype its matrix is stored in. `overrides` maps a part of a tensor name
+    ("lm_head", "v_proj", "layers.0.") to a dtype; for q4 the matrices in Q4_KEEP_Q8 default to q8.
+    A tied lm_head is the embedding, so what applies to "lm_head" applies to it."""
+    rules = {key: "q8" for key in Q4_KEEP_Q8} if dtype == "q4" else {}
+    for key, value in (overrides or {}).items():
+        if value not in WEIGHT_DTYPES:
+            raise InvalidInputError(f"dtype_overrides[{key!r}] = {value!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        rules[key] = value
+    if tied and "lm_head" in rules and "embed_tokens" not in rules:
+        rules["embed_tokens"] = rules["lm_head"]
+
+    def policy(name: str) -> str:
+        return next((v for k, v in rules.items() if k in name), dtype)
+
+    return policy
 
 
 def default_threads() -> int:
@@ -60,12 +85,13 @@ class Model:
     def __init__(
         self,
         path: str | os.PathLike,
-        dtype: str = "bf16",
+        dtype: str | None = None,
         threads: int | None = None,
         max_context: int | None = None,
+        dtype_overrides: dict[str, str] | None = None,
     ):
         path = os.fspath(path)
-        if dtype not in WEIGHT_DTYPES:
+        if dtype is not None and dtype not in WEIGHT_DTYPES:
             raise InvalidInputError(f"dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
         registry_defaults: dict[str, Any] = {}
         if not os.path.exists(path):
@@ -79,7 +105,19 @@ class Model:
         self.path = path
         self.config: Qwen2Config = ckpt.config
         self.generation_config = {**registry_defaults, **ckpt.generation_config}
-        self.tokenizer = ckpt.tokenizer
+        self._load_tokenizer = ckpt.load_tokenizer
+        self._tokenizer: Tokenizer | None = None
+        self._tokenizer_lock = threading.Lock()
+        if ckpt.converted is not None:  # already quantized and laid out: mapped as it is
+            if dtype not in (None, ckpt.converted.dtype):
+                raise InvalidInputError(
+                    f"{path} is a {ckpt.converted.dtype} model converted by qwen2rt; it cannot be loaded as {dtype} "
+                    f"(convert the original weights again)"
+                )
+            if dtype_overrides:
+                raise InvalidInputError(f"{path} is a converted model: dtype_overrides do not apply")
+            dtype = ckpt.converted.dtype
+        dtype = dtype or "bf16"
         self.dtype = dtype
 
         threads = default_threads() if threads is None else threads
@@ -92,27 +130,45 @@ class Model:
         self._check_memory(max_context)
 
         self._core = _core.Qwen2Model(self.config.core_dict(), dtype, threads, max_context)
-        for name, array, src in ckpt.tensors(threads):
+        policy = matrix_dtype_policy(dtype, dtype_overrides, self.config.tie_word_embeddings)
+        for name, array, src, shape in ckpt.tensors(threads):
+            target = src if ckpt.converted is not None and src != "f32" else policy(name)
             try:
-                self._core.set_tensor(name, array, src, list(array.shape))
+                self._core.set_tensor(name, array, src, shape, dtype=target)
             except InvalidInputError as e:  # a tensor the config does not expect, or of the wrong shape
                 raise FormatError(f"{path}: {e}") from None
         missing = self._core.missing_tensors()
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise FormatError(f"{path}: weights missing: {', '.join(missing[:3])}{more}")
-        if self.tokenizer.vocab_size > self.config.vocab_size:
-            raise FormatError(
-                f"{path}: the tokenizer has {self.tokenizer.vocab_size} tokens, more than the model's "
-                f"vocab_size {self.config.vocab_size}"
-            )
         self._sampler = _core.Sampler()
-        self.eos_token_ids = self._eos_ids()
+        self._eos: frozenset[int] | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, read on first use (parsing it takes longer than mapping the weights)."""
+        if self._tokenizer is None:
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    tok = self._load_tokenizer()
+                    if tok.vocab_size > self.config.vocab_size:
+                        raise FormatError(
+                            f"{self.path}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
+                            f"vocab_size {self.config.vocab_size}"
+                        )
+                    self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end generation: generation_config's (or config's) eos ids and the tokenizer's."""
+        if self._eos is None:
+            self._eos = self._eos_ids()
+        return self._eos
 
     # -- memory ---------------------------------------------------------------------------------
     def _check_memory(self, max_context: int) -> None:
-        bytes_per_weight = 2 if self.dtype == "bf16" else 4
-        weights = self.config.weight_count() * bytes_per_weight
+        weights = int(self.config.weight_count() * BITS_PER_WEIGHT[self.dtype] / 8)
         kv = self.config.kv_cache_bytes(max_context)
         avail = available_memory()
         if avail is not None and weights + kv > avail:

@@ -312,6 +312,18 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------------------------------------- loading
 
+    def save_pretrained(self, folder) -> None:
+        """Write tokenizer.json and tokenizer_config.json (chat template, special tokens) that
+        from_hf_folder reads back to an equal tokenizer."""
+        folder = os.fspath(folder)
+        self._tok.save(os.path.join(folder, TOKENIZER_FILE))
+        config = {key: value for key, value in self.special_tokens.items()}
+        config["add_bos_token"] = self.add_bos_token
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(folder, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=2)
+
     @classmethod
     def from_hf_folder(cls, folder) -> Tokenizer:
         """Load tokenizer.json, tokenizer_config.json and chat templates from a Hugging Face model folder."""

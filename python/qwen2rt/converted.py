@@ -1,0 +1,194 @@
+"""Converted models: weights already quantized and laid out for the kernels, loaded by mmap.
+
+`qwen2rt convert SRC DST --dtype q4` writes a folder:
+
+    DST/model.safetensors         packed matrices as U8 tensors (quant.h layouts), norms/biases as F32
+    DST/config.json               the Qwen2 config (Hugging Face keys)
+    DST/generation_config.json    eos ids and sampling defaults
+    DST/tokenizer.json, tokenizer_config.json
+
+The safetensors metadata names the format and version, the dtype, and each tensor's dtype and
+logical shape, so that loading does no conversion: Model(DST) points the C++ matrices into the
+mapped file. A file with a newer format version, a wrong size or a missing tensor is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import FormatError, InvalidInputError, UnsupportedModelError
+
+FORMAT_NAME = "qwen2rt"
+FORMAT_VERSION = 1
+ALIGN = 64  # the data section starts on a 64-byte boundary
+
+
+def is_converted(metadata: dict[str, str]) -> bool:
+    return metadata.get("format") == FORMAT_NAME
+
+
+class ConvertedWeights:
+    """The tensors of a converted safetensors file, checked against its own metadata."""
+
+    def __init__(self, st_file):
+        md = st_file.metadata
+        path = st_file.path
+        try:
+            version = int(md.get("qwen2rt_format_version", ""))
+        except ValueError:
+            raise FormatError(f"{path}: qwen2rt_format_version {md.get('qwen2rt_format_version')!r} is not a number") from None
+        if version > FORMAT_VERSION:
+            raise UnsupportedModelError(
+                f"{path}: qwen2rt format version {version} is newer than this qwen2rt reads ({FORMAT_VERSION}); "
+                f"upgrade qwen2rt or convert the model again"
+            )
+        if version < 1:
+            raise FormatError(f"{path}: qwen2rt format version {version} is not valid")
+        try:
+            self.dtypes: dict[str, str] = json.loads(md["qwen2rt_tensor_dtypes"])
+            self.shapes: dict[str, list[int]] = json.loads(md["qwen2rt_shapes"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise FormatError(f"{path}: qwen2rt metadata is incomplete ({e})") from None
+        self.dtype = md.get("qwen2rt_dtype", "")
+        self.file = st_file
+        for name in st_file.tensors:
+            if name not in self.dtypes or name not in self.shapes:
+                raise FormatError(f"{path}: tensor {name!r} has no dtype or shape in the qwen2rt metadata")
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
+        for name, info in self.file.tensors.items():
+            dtype = self.dtypes[name]
+            expect = "U8" if dtype in ("q8", "q4", "bf16") else "F32"
+            if info.dtype != expect:
+                raise FormatError(f"{self.file.path}: tensor {name!r} is {info.dtype}, its qwen2rt dtype {dtype} needs {expect}")
+            array = self.file.array(name)
+            if dtype == "bf16":
+                array = array.view(np.uint16)
+            yield name, array, dtype, self.shapes[name]
+
+
+class _Progress:
+    """A one-line bar on a terminal; a single summary line otherwise."""
+
+    def __init__(self, what: str, total: int, enabled: bool):
+        self.what, self.total, self.t0 = what, total, time.perf_counter()
+        self.enabled, self.tty, self.shown = enabled, enabled and sys.stderr.isatty(), -1
+
+    def update(self, done: int) -> None:
+        width = 30
+        fill = int(width * done / max(self.total, 1))
+        if self.tty and (fill != self.shown or done == self.total):
+            self.shown = fill
+            sys.stderr.write(f"\r{self.what} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+                             f"{time.perf_counter() - self.t0:5.1f} s")
+        if done == self.total and self.enabled:
+            sys.stderr.write("\n" if self.tty else f"{self.what}: {self.total} tensors, {time.perf_counter() - self.t0:.1f} s\n")
+        sys.stderr.flush()
+
+
+def convert(
+    src: str,
+    dst: str,
+    dtype: str = "q4",
+    threads: int | None = None,
+    progress: bool = True,
+    dtype_overrides: dict[str, str] | None = None,
+) -> str:
+    """Quantizes SRC (a Hugging Face folder, a GGUF file or a registry name) into the folder DST."""
+    from . import _core, registry
+    from .checkpoint import open_checkpoint
+    from .model import WEIGHT_DTYPES, default_threads, matrix_dtype_policy
+
+    if dtype not in WEIGHT_DTYPES:
+        raise InvalidInputError(f"dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    registry_defaults: dict[str, Any] = {}
+    if not os.path.exists(src):
+        path = registry.resolve(src)
+        registry_defaults = registry.lookup(src).generation_config
+        src = path
+    ckpt = open_checkpoint(src)
+    if getattr(ckpt, "converted", None) is not None:
+        raise InvalidInputError(f"{src} is already a converted qwen2rt model; convert from the original weights")
+    threads = threads or default_threads()
+    cfg = ckpt.config
+    core = _core.Qwen2Model(cfg.core_dict(), dtype, threads, 1)
+    policy = matrix_dtype_policy(dtype, dtype_overrides, cfg.tie_word_embeddings)
+
+    names = []
+    items = list(ckpt.tensors(threads))
+    bar = _Progress(f"quantize to {dtype}", len(items), progress)
+    for i, (name, array, src_dtype, shape) in enumerate(items):
+        core.set_tensor(name, array, src_dtype, shape, dtype=policy(name))
+        names.append(name)
+        bar.update(i + 1)
+        items[i] = None  # let the source array go
+    missing = core.missing_tensors()
+    if missing:
+        raise FormatError(f"{src}: weights missing: {', '.join(missing[:3])}")
+
+    header: dict[str, Any] = {}
+    tensor_dtypes, shapes, blobs = {}, {}, []
+    offset = 0
+    # packed matrices first (sizes are multiples of 32 bytes), then the small f32 vectors
+    views = []
+    for name in names:
+        v = core.tensor_bytes(name)
+        if v is not None:
+            views.append((name,) + tuple(v))
+    views.sort(key=lambda v: v[1] == "f32" and v[4] == 0)
+    for name, kind, data, rows, cols in views:
+        tensor_dtypes[name] = kind
+        shapes[name] = [rows, cols] if cols else [rows]
+        st_dtype = "F32" if kind == "f32" else "U8"
+        count = data.size // 4 if st_dtype == "F32" else data.size
+        header[name] = {"dtype": st_dtype, "shape": [count], "data_offsets": [offset, offset + data.size]}
+        blobs.append(data)
+        offset += data.size
+    header["__metadata__"] = {
+        "format": FORMAT_NAME,
+        "qwen2rt_format_version": str(FORMAT_VERSION),
+        "qwen2rt_dtype": dtype,
+        "qwen2rt_tensor_dtypes": json.dumps(tensor_dtypes),
+        "qwen2rt_shapes": json.dumps(shapes),
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+
+    os.makedirs(dst, exist_ok=True)
+    tmp = os.path.join(dst, ".model.safetensors.tmp")
+    bar = _Progress("write", len(blobs), progress)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for i, data in enumerate(blobs):
+                f.write(memoryview(data))
+                bar.update(i + 1)
+        os.replace(tmp, os.path.join(dst, "model.safetensors"))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", **{
+        k: v for k, v in cfg.core_dict().items() if k not in ("eos_token_id", "torch_dtype")
+    }}
+    config["eos_token_id"] = list(cfg.eos_token_id)
+    config["qwen2rt_dtype"] = dtype
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(dst, "generation_config.json"), "w") as f:
+        json.dump({**registry_defaults, **ckpt.generation_config}, f, indent=2)
+    if os.path.isdir(src):  # keep the original tokenizer files byte for byte
+        for fname in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            if os.path.exists(os.path.join(src, fname)):
+                shutil.copyfile(os.path.join(src, fname), os.path.join(dst, fname))
+    else:
+        ckpt.load_tokenizer().save_pretrained(dst)
+    return dst

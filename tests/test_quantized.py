@@ -1,0 +1,211 @@
+"""q8 / q4 models: against PyTorch, across ISA paths, and converted folders that load by mmap."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import qwen2rt
+from qwen2rt import FormatError, InvalidInputError, UnsupportedModelError
+from tiny_model import make_checkpoint
+
+
+@pytest.fixture(scope="module", params=["q32", "gqa"])
+def ckpt(request, tmp_path_factory):
+    """q32 has rows of 32-multiples; gqa's hidden size 84 exercises the zero-padded K tail."""
+    folder = tmp_path_factory.mktemp(f"quant-{request.param}")
+    ref = make_checkpoint(folder, shape=request.param, seed=11, tie=request.param == "gqa")
+    return folder, ref
+
+
+def torch_logits(ref, ids):
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0].numpy()
+
+
+# Relative logit error and top-1 agreement the formats must reach on the random tiny models.
+BOUNDS = {"q8": (0.03, 0.95), "q4": (0.25, 0.6)}
+
+
+@pytest.mark.parametrize("dtype", ["q8", "q4"])
+def test_quantized_close_to_pytorch(ckpt, dtype, isa):
+    folder, ref = ckpt
+    ids = np.random.default_rng(3).integers(0, ref.config.vocab_size, 48).tolist()
+    want = torch_logits(ref, ids)
+    m = qwen2rt.Model(folder, dtype=dtype)
+    got = m.forward(ids, all_logits=True)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    top1 = (got.argmax(-1) == want.argmax(-1)).mean()
+    assert rel < BOUNDS[dtype][0] and top1 > BOUNDS[dtype][1], (rel, top1)
+
+
+@pytest.mark.parametrize("dtype", ["q8", "q4"])
+def test_decode_equals_prefill(ckpt, dtype):
+    folder, ref = ckpt
+    ids = np.random.default_rng(4).integers(0, ref.config.vocab_size, 30).tolist()
+    m = qwen2rt.Model(folder, dtype=dtype)
+    full = m.forward(ids, all_logits=True)
+    m.reset()
+    rows = [m.forward(ids[:10], all_logits=True)] + [m.forward([t], start_pos=i)[None] for i, t in enumerate(ids) if i >= 10]
+    np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("dtype", ["q8", "q4"])
+def test_isa_paths_agree(ckpt, dtype):
+    from qwen2rt import _core
+
+    folder, ref = ckpt
+    ids = np.random.default_rng(5).integers(0, ref.config.vocab_size, 20).tolist()
+    before = _core.active_isa()
+    outs = {}
+    try:
+        for isa in _core.available_isas():
+            qwen2rt.set_isa(isa)
+            outs[isa] = qwen2rt.Model(folder, dtype=dtype).forward(ids, all_logits=True)
+    finally:
+        qwen2rt.set_isa(before)
+    base = outs["generic"]
+    for isa, out in outs.items():
+        np.testing.assert_allclose(out, base, rtol=0, atol=1e-4 * np.abs(base).max(), err_msg=isa)
+
+
+def test_q4_keeps_lm_head_and_v_proj_in_q8(ckpt):
+    folder, ref = ckpt
+    m = qwen2rt.Model(folder, dtype="q4")
+    assert m._core.tensor_bytes("model.layers.0.mlp.up_proj.weight")[0] == "q4"
+    assert m._core.tensor_bytes("model.layers.0.self_attn.v_proj.weight")[0] == "q8"
+    head = "model.embed_tokens.weight" if ref.config.tie_word_embeddings else "lm_head.weight"
+    assert m._core.tensor_bytes(head)[0] == "q8"
+    pure = qwen2rt.Model(folder, dtype="q4", dtype_overrides={"lm_head": "q4", "v_proj": "q4"})
+    assert pure._core.tensor_bytes(head)[0] == "q4"
+    assert pure._core.weight_bytes < m._core.weight_bytes
+    with pytest.raises(InvalidInputError):
+        qwen2rt.Model(folder, dtype="q4", dtype_overrides={"lm_head": "q3"})
+
+
+# -- converted folders -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted(ckpt, tmp_path_factory):
+    from qwen2rt.converted import convert
+
+    folder, ref = ckpt
+    dst = tmp_path_factory.mktemp("converted") / "m-q4"
+    convert(str(folder), str(dst), dtype="q4", progress=False)
+    return folder, dst
+
+
+def test_converted_equals_on_the_fly(converted):
+    src, dst = converted
+    ids = list(range(3, 40))
+    a = qwen2rt.Model(src, dtype="q4").forward(ids, all_logits=True)
+    m = qwen2rt.Model(dst)
+    assert m.dtype == "q4"
+    b = m.forward(ids, all_logits=True)
+    np.testing.assert_array_equal(a, b)
+    assert m.tokenize("def f(x): 中文") == qwen2rt.Model(src).tokenize("def f(x): 中文")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert m.apply_chat_template(msgs) == qwen2rt.Model(src).apply_chat_template(msgs)
+    assert m.eos_token_ids == qwen2rt.Model(src).eos_token_ids
+
+
+def test_converted_is_mapped_not_copied(converted):
+    src, dst = converted
+    m = qwen2rt.Model(dst)
+    data = m._core.tensor_bytes("model.layers.1.mlp.down_proj.weight")[1]
+    # the matrix points into the mapped file: its memory is not owned by a numpy array or the heap
+    raw = (dst / "model.safetensors").read_bytes()
+    assert data.tobytes() in raw
+    assert not data.flags.writeable
+
+
+def test_converted_dtype_cannot_change(converted):
+    _, dst = converted
+    with pytest.raises(InvalidInputError, match="q4"):
+        qwen2rt.Model(dst, dtype="q8")
+
+
+def _edit_metadata(path, fn):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    fn(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-(8 + len(new)) % 64)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+@pytest.fixture
+def broken(converted, tmp_path):
+    import shutil
+
+    _, dst = converted
+    out = tmp_path / "broken"
+    shutil.copytree(dst, out)
+    return out
+
+
+def test_newer_format_version_refused(broken):
+    _edit_metadata(broken / "model.safetensors", lambda h: h["__metadata__"].update(qwen2rt_format_version="99"))
+    with pytest.raises(UnsupportedModelError, match="version 99"):
+        qwen2rt.Model(broken)
+
+
+def test_wrong_size_refused(broken):
+    def shrink(h):
+        dtypes = json.loads(h["__metadata__"]["qwen2rt_tensor_dtypes"])
+        name = next(k for k, v in dtypes.items() if v == "q4")
+        shapes = json.loads(h["__metadata__"]["qwen2rt_shapes"])
+        shapes[name][1] += 32  # now the bytes are too few for the shape
+        h["__metadata__"]["qwen2rt_shapes"] = json.dumps(shapes)
+
+    _edit_metadata(broken / "model.safetensors", shrink)
+    with pytest.raises(FormatError, match="shape"):
+        qwen2rt.Model(broken)
+
+
+def test_missing_tensor_refused(broken):
+    def drop(h):
+        name = "model.layers.0.mlp.gate_proj.weight"
+        # keep the file valid: the bytes stay, under a name the metadata does not know
+        dtypes = json.loads(h["__metadata__"]["qwen2rt_tensor_dtypes"])
+        shapes = json.loads(h["__metadata__"]["qwen2rt_shapes"])
+        h["model.layers.0.mlp.gate_proj.unused"] = h.pop(name)
+        dtypes["model.layers.0.mlp.gate_proj.unused"] = dtypes.pop(name)
+        shapes["model.layers.0.mlp.gate_proj.unused"] = shapes.pop(name)
+        h["__metadata__"]["qwen2rt_tensor_dtypes"] = json.dumps(dtypes)
+        h["__metadata__"]["qwen2rt_shapes"] = json.dumps(shapes)
+
+    _edit_metadata(broken / "model.safetensors", drop)
+    with pytest.raises(FormatError, match="gate_proj"):
+        qwen2rt.Model(broken)
+
+
+def test_truncated_converted_file_refused(broken):
+    p = broken / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-1000])
+    with pytest.raises(FormatError):
+        qwen2rt.Model(broken)
+
+
+def test_convert_cli_and_gguf_source(tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_model import make_checkpoint, write_gguf
+
+    src = tmp_path / "src"
+    ref = make_checkpoint(src, shape="q32", seed=12)
+    gguf = tmp_path / "m.gguf"
+    write_gguf(gguf, ref, src, "Q8_0")
+    dst = tmp_path / "m-q8"
+    r = subprocess.run([sys.executable, "-m", "qwen2rt", "convert", str(gguf), str(dst), "--dtype", "q8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ids = list(range(5, 30))
+    a = qwen2rt.Model(gguf, dtype="q8").forward(ids, all_logits=True)
+    b = qwen2rt.Model(dst).forward(ids, all_logits=True)
+    np.testing.assert_array_equal(a, b)
+    assert qwen2rt.Model(dst).tokenize("hello 世界") == qwen2rt.Model(gguf).tokenize("hello 世界")
