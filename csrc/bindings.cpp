@@ -221,7 +221,7 @@ PYBIND11_MODULE(_core, m) {
         "read_bandwidth",
         [](size_t nbytes, int threads, int reps) {
             // Bytes per second of summing a buffer larger than the caches (the decode roofline).
-            AlignedBuffer buf(nbytes);
+            AlignedBuffer buf(nbytes, /*huge_pages=*/true);  // as the weights are held
             const size_t n = nbytes / 8;
             uint64_t* p = buf.as<uint64_t>();
             double best = 0;

@@ -10,7 +10,7 @@
 
 namespace qwen2rt {
 
-AlignedBuffer::AlignedBuffer(size_t bytes) {
+AlignedBuffer::AlignedBuffer(size_t bytes, bool huge_pages) {
     if (bytes == 0) return;
 #if QWEN2RT_HAVE_MMAP
     if (bytes >= (size_t(1) << 20)) {
@@ -18,8 +18,8 @@ AlignedBuffer::AlignedBuffer(size_t bytes) {
         void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
-        // Weights and caches are read in long sweeps: 2 MiB pages spare the TLB (advice only).
-        if (bytes >= (size_t(4) << 20)) madvise(p, bytes, MADV_HUGEPAGE);
+        // Weights are read in long sweeps: 2 MiB pages spare the TLB (advice only).
+        if (huge_pages && bytes >= (size_t(4) << 20)) madvise(p, bytes, MADV_HUGEPAGE);
 #endif
         ptr_ = p;
         size_ = bytes;

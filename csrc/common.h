@@ -48,7 +48,9 @@ struct Interrupted : std::exception {
 class AlignedBuffer {
   public:
     AlignedBuffer() = default;
-    explicit AlignedBuffer(size_t bytes);
+    // huge_pages: ask for 2 MiB pages (weights, read in long sweeps). Not for buffers filled a
+    // little at a time, like the KV cache: one touched byte would make 2 MiB resident.
+    explicit AlignedBuffer(size_t bytes, bool huge_pages = false);
     ~AlignedBuffer();
     AlignedBuffer(AlignedBuffer&& o) noexcept { swap(o); }
     AlignedBuffer& operator=(AlignedBuffer&& o) noexcept {

@@ -274,7 +274,7 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
         m->data = data;
         return true;
     }
-    m->owned = AlignedBuffer(matrix_bytes(target, rows, cols));
+    m->owned = AlignedBuffer(matrix_bytes(target, rows, cols), /*huge_pages=*/true);
     if (is_quantized(target)) {
         const size_t count = size_t(rows) * size_t(cols);
         AlignedBuffer tmp;
