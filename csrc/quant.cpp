@@ -80,42 +80,42 @@ void quantize_block_q4(const float* v, uint16_t& scale, uint8_t* q) {
 
 }  // namespace
 
-void quantize_q8(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads) {
+// The loop both formats share: every (row group, block) pair in parallel, each of its 16 rows
+// quantized by `pack(values, scale, block)`, the 16 scales in front.
+template <class PackRow>
+static void quantize_packed(const float* W, int rows, int cols, size_t ldw, uint8_t* out, size_t block_bytes,
+                            int threads, PackRow pack) {
     const int G = q_row_groups(rows), B = q_blocks(cols);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
     for (int64_t gb = 0; gb < int64_t(G) * B; gb++) {
         const int g = int(gb / B), b = int(gb % B);
-        uint8_t* blk = out + size_t(gb) * kQ8BlockBytes;
+        uint8_t* blk = out + size_t(gb) * block_bytes;
         uint16_t scales[kQRows];
         for (int r = 0; r < kQRows; r++) {
             float v[kQBlock];
-            int8_t q[kQBlock];
             load_block(W, rows, cols, ldw, g * kQRows + r, b, v);
-            quantize_block_q8(v, scales[r], q);
-            for (int j = 0; j < kQBlock; j++) blk[32 + 64 * (j / 4) + 4 * r + j % 4] = uint8_t(int(q[j]) + 128);
+            pack(v, scales[r], blk + 32 + 4 * r);
         }
         std::memcpy(blk, scales, sizeof(scales));
     }
 }
 
+void quantize_q8(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads) {
+    quantize_packed(W, rows, cols, ldw, out, kQ8BlockBytes, threads, [](const float* v, uint16_t& scale, uint8_t* row) {
+        int8_t q[kQBlock];
+        quantize_block_q8(v, scale, q);
+        for (int j = 0; j < kQBlock; j++) row[64 * (j / 4) + j % 4] = uint8_t(int(q[j]) + 128);
+    });
+}
+
 void quantize_q4(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads) {
-    const int G = q_row_groups(rows), B = q_blocks(cols);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
-    for (int64_t gb = 0; gb < int64_t(G) * B; gb++) {
-        const int g = int(gb / B), b = int(gb % B);
-        uint8_t* blk = out + size_t(gb) * kQ4BlockBytes;
-        uint16_t scales[kQRows];
-        for (int r = 0; r < kQRows; r++) {
-            float v[kQBlock];
-            uint8_t q[kQBlock];
-            load_block(W, rows, cols, ldw, g * kQRows + r, b, v);
-            quantize_block_q4(v, scales[r], q);
-            // column 8i + j (j < 4) in the low nibble, 8i + 4 + j in the high nibble
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) blk[32 + 64 * i + 4 * r + j] = uint8_t(q[8 * i + j] | q[8 * i + 4 + j] << 4);
-        }
-        std::memcpy(blk, scales, sizeof(scales));
-    }
+    quantize_packed(W, rows, cols, ldw, out, kQ4BlockBytes, threads, [](const float* v, uint16_t& scale, uint8_t* row) {
+        uint8_t q[kQBlock];
+        quantize_block_q4(v, scale, q);
+        // column 8i + j (j < 4) in the low nibble, 8i + 4 + j in the high nibble
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) row[64 * i + j] = uint8_t(q[8 * i + j] | q[8 * i + 4 + j] << 4);
+    });
 }
 
 void dequantize_row_q8(const uint8_t* packed, int cols, int row, float* out) {

@@ -20,3 +20,17 @@ def isa(request):
     qwen2rt.set_isa(request.param)
     yield request.param
     qwen2rt.set_isa(before)
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+    """The real Qwen2.5-Coder-0.5B-Instruct GGUF: $QWEN2RT_GGUF, else where `qwen2rt pull` (and
+    ../shared/models/fetch) put it. Tests that need it skip when it is absent; .ci/run pulls it."""
+    import os
+
+    from qwen2rt import registry
+
+    path = os.environ.get("QWEN2RT_GGUF") or str(registry.model_path(registry.DEFAULT_MODEL))
+    if not os.path.isfile(path):
+        pytest.skip(f"real weights not present at {path} (qwen2rt pull, or set QWEN2RT_GGUF)")
+    return path

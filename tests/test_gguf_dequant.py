@@ -1,7 +1,6 @@
 """The C++ GGUF dequantizers (_core.dequantize_gguf) against the gguf package's numpy reference,
 bit for bit: random blocks, all-zero blocks, extreme scales, every implemented format."""
 
-import os
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-REAL_GGUF = "/root/.cache/qwen2rt-models/qwen2.5-coder-0.5b-instruct.gguf"
 
 # name -> (ggml type id, elements per block, bytes per block, byte offsets of the f16 scales in a block)
 FORMATS = {
@@ -200,12 +198,10 @@ def test_empty():
 
 
 @pytest.mark.real_weights
-def test_real_gguf_matches_gguf():
-    if not os.path.exists(REAL_GGUF):
-        pytest.skip(f"{REAL_GGUF} not present")
+def test_real_gguf_matches_gguf(real_gguf):
     from qwen2rt.gguf_io import GGUFFile
 
-    g = GGUFFile(REAL_GGUF)
+    g = GGUFFile(real_gguf)
     ids = {v[0] for v in FORMATS.values()}
     checked = 0
     for name, t in g.tensors.items():

@@ -3,7 +3,7 @@
 The first part needs no download: it builds GGUF-style metadata from the tests' tiny Qwen2-like tokenizer, checks the
 result against that tokenizer, checks the error cases, and (when the gguf package and transformers are installed)
 checks a tiny GGUF file against transformers' GGUF tokenizer. The tests marked real_weights compare with transformers
-on the real Qwen2.5-Coder-0.5B-Instruct GGUF (path from $QWEN2RT_GGUF, else the default below; skipped when absent).
+on the real Qwen2.5-Coder-0.5B-Instruct GGUF (the conftest fixture real_gguf; skipped when absent).
 """
 
 import copy
@@ -22,16 +22,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from qwen2rt.errors import FormatError, InvalidInputError, UnsupportedModelError
 from qwen2rt.gguf_tokenizer import tokenizer_from_gguf
 from qwen2rt.tokenizer import Tokenizer
-from tiny_tokenizer import QWEN25_CHAT_TEMPLATE, tiny_metadata
+from tiny_tokenizer import QWEN25_CHAT_TEMPLATE, add_tokenizer_metadata, tiny_metadata
 
-DEFAULT_GGUF = "/root/.cache/qwen2rt-models/qwen2.5-coder-0.5b-instruct.gguf"
 
 # llama.cpp token types
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
-
-def real_gguf_path():
-    return os.environ.get("QWEN2RT_GGUF") or DEFAULT_GGUF
 
 
 def read_gguf_metadata(path):
@@ -428,19 +424,7 @@ def write_tiny_gguf(path, meta):
     writer.add_head_count_kv(1)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
-    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
-    writer.add_token_list(meta["tokenizer.ggml.tokens"])
-    writer.add_token_types(meta["tokenizer.ggml.token_type"])
-    writer.add_token_merges(meta["tokenizer.ggml.merges"])
-    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
-    writer.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
-    writer.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
-    if "tokenizer.ggml.add_bos_token" in meta:
-        writer.add_add_bos_token(meta["tokenizer.ggml.add_bos_token"])
-    if "tokenizer.ggml.add_eos_token" in meta:
-        writer.add_add_eos_token(meta["tokenizer.ggml.add_eos_token"])
-    writer.add_chat_template(meta["tokenizer.chat_template"])
+    add_tokenizer_metadata(writer, meta)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -493,11 +477,8 @@ def test_tiny_gguf_file_matches_transformers(tiny, tmp_path, flags):
 
 
 @pytest.fixture(scope="module")
-def real_path():
-    path = real_gguf_path()
-    if not os.path.isfile(path):
-        pytest.skip(f"real GGUF not found at {path} (set QWEN2RT_GGUF)")
-    return path
+def real_path(real_gguf):
+    return real_gguf
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,9 @@ import qwen2rt
 pytestmark = pytest.mark.real_weights
 
 
-def gguf_path():
-    p = os.environ.get("QWEN2RT_GGUF")
-    if p:
-        return p
-    from qwen2rt import registry
-
-    return str(registry.model_path(registry.DEFAULT_MODEL))
-
-
 @pytest.fixture(scope="module")
-def gguf():
-    p = gguf_path()
-    if not os.path.exists(p):
-        pytest.skip(f"real weights not present at {p} (run ../shared/models/fetch or qwen2rt pull)")
-    return p
+def gguf(real_gguf):
+    return real_gguf
 
 
 @pytest.fixture(scope="module")

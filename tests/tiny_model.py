@@ -121,7 +121,7 @@ def write_gguf(path, model, tokenizer_folder, matrix_type: str = "F32", sampling
     import gguf
     import numpy as np
 
-    from tiny_tokenizer import tiny_metadata
+    from tiny_tokenizer import add_tokenizer_metadata, tiny_metadata
 
     c = model.config
     meta = tiny_metadata(tokenizer_folder)
@@ -134,16 +134,7 @@ def write_gguf(path, model, tokenizer_folder, matrix_type: str = "F32", sampling
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(meta["tokenizer.ggml.tokens"])
-    w.add_token_types(meta["tokenizer.ggml.token_type"])
-    w.add_token_merges(meta["tokenizer.ggml.merges"])
-    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
-    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
-    w.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
-    w.add_add_bos_token(False)
-    w.add_chat_template(meta["tokenizer.chat_template"])
+    add_tokenizer_metadata(w, meta)
     for key, value in (sampling or {}).items():
         getattr(w, f"add_sampling_{key}")(value)
     qtype = gguf.GGMLQuantizationType[matrix_type]

@@ -221,3 +221,21 @@ def tiny_metadata(folder):
         "tokenizer.ggml.add_bos_token": False,
         "tokenizer.chat_template": QWEN25_CHAT_TEMPLATE,
     }
+
+
+def add_tokenizer_metadata(writer, meta: dict) -> None:
+    """Puts GGUF tokenizer metadata (as tiny_metadata gives it) into a gguf.GGUFWriter."""
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    writer.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    writer.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
+    if "tokenizer.ggml.add_bos_token" in meta:
+        writer.add_add_bos_token(meta["tokenizer.ggml.add_bos_token"])
+    if "tokenizer.ggml.add_eos_token" in meta:
+        writer.add_add_eos_token(meta["tokenizer.ggml.add_eos_token"])
+    if meta.get("tokenizer.chat_template") is not None:
+        writer.add_chat_template(meta["tokenizer.chat_template"])
