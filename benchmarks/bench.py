@@ -44,9 +44,14 @@ def _run_qwen2rt(spec: dict) -> dict:
 
     import qwen2rt
 
+    path, dtype = spec["model"], spec["dtype"]
+    if dtype.endswith("c"):  # "q4c": a model converted once by `qwen2rt convert`, loaded by mmap
+        dtype = dtype[:-1]
+        path = _converted(spec["gguf"], dtype)
     t0 = time.perf_counter()
-    m = qwen2rt.Model(spec["model"], dtype=spec["dtype"], threads=spec["threads"], max_context=spec["max_context"])
-    out = {"load_s": time.perf_counter() - t0, "weight_bytes": m._core.weight_bytes, "isa": qwen2rt.system_info()["isa"]}
+    m = qwen2rt.Model(path, dtype=dtype, threads=spec["threads"], max_context=spec["max_context"])
+    out = {"load_s": time.perf_counter() - t0, "weight_bytes": m._core.weight_bytes,
+           "isa": qwen2rt.system_info()["isa"]}
     # bytes a decode step reads: every matrix but the embedding table (unless it is the tied lm_head)
     embed = m._core.tensor_bytes("model.embed_tokens.weight")[1].nbytes
     out["read_bytes_per_token"] = m._core.weight_bytes - (0 if m.config.tie_word_embeddings else embed)
@@ -71,7 +76,25 @@ def _run_qwen2rt(spec: dict) -> dict:
         for _ in range(32):
             logits = m.forward([int(np.argmax(logits))], start_pos=m.cache_len)
         out[f"decode_at_{c}_s"] = (time.perf_counter() - t) / 32 * spec["decode"]
+    for b in spec.get("batches", []):  # aggregate decode tokens/s of b sequences decoded together
+        prompts = [ids[i * 8 : i * 8 + 8 + i] for i in range(b)]  # different lengths
+        m.reset()
+        m.generate(prompts, max_new_tokens=2, temperature=0)  # prefills (the timed run reuses them)
+        t = time.perf_counter()
+        res = m.generate(prompts, max_new_tokens=spec["decode"] // 2, temperature=0)
+        out[f"batch_{b}_tok_s"] = sum(r.completion_tokens for r in res) / (time.perf_counter() - t)
     return out
+
+
+def _converted(gguf_path: str, dtype: str) -> str:
+    """The GGUF converted to a qwen2rt folder of `dtype` (cached)."""
+    from qwen2rt.converted import convert
+
+    folder = os.path.join(os.path.expanduser("~/.cache/qwen2rt-bench"),
+                          os.path.basename(gguf_path).replace(".gguf", f".qwen2rt-{dtype}"))
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        convert(gguf_path, folder, dtype=dtype, progress=False)
+    return folder
 
 
 def _hf_folder(gguf_path: str) -> str:
@@ -107,7 +130,8 @@ def _run_torch(spec: dict) -> dict:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    out = {"load_s": time.perf_counter() - t0, "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    out = {"load_s": time.perf_counter() - t0,
+           "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     ids = _prompt_ids(lambda s: tok.encode(s), max(spec["prompts"] + spec["contexts"] + [8]))
     with torch.inference_mode():
         for p in spec["prompts"]:
@@ -215,7 +239,7 @@ def child_main(spec_json: str) -> None:
 
 
 def available_engines() -> list[str]:
-    out = ["qwen2rt-f32", "qwen2rt-bf16", "qwen2rt-q8", "qwen2rt-q4"]
+    out = ["qwen2rt-f32", "qwen2rt-bf16", "qwen2rt-q8", "qwen2rt-q4", "qwen2rt-q4c"]
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -247,7 +271,8 @@ def weights_read_per_token(cfg) -> int:
     return L * (h * qd + 2 * h * kvd + qd * h + 3 * h * i) + cfg.vocab_size * h
 
 
-BITS = {"f32": 32, "bf16": 16, "q8": 8.5, "q4": 4.5, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "source": None}
+BITS = {"f32": 32, "bf16": 16, "q8": 8.5, "q4": 4.5, "q8c": 8.5, "q4c": 4.5,
+        "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "source": None}
 
 
 def main() -> None:
@@ -259,6 +284,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="128,512", help="prefill lengths")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens")
     ap.add_argument("--contexts", default="", help="decode at these context lengths too, e.g. 2048,8192")
+    ap.add_argument("--batches", default="", help="qwen2rt: aggregate decode tok/s at these batch sizes, e.g. 1,4,8")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--png", default=None, help="write a chart here (needs matplotlib)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -274,17 +300,22 @@ def main() -> None:
     engines = a.engines.split(",") if a.engines else available_engines()
     prompts = [int(x) for x in a.prompts.split(",") if x]
     contexts = [int(x) for x in a.contexts.split(",") if x]
+    batches = [int(x) for x in a.batches.split(",") if x]
     per_token = weights_read_per_token(cfg)
     bw = read_bandwidth(a.threads)
     print(f"model {gguf}\nthreads {a.threads}, {system_info()['isa']}; read bandwidth {bw / 1e9:.1f} GB/s; "
           f"{per_token / 1e6:.0f} M weights read per decoded token", file=sys.stderr)
 
+    for e in engines:  # converted models are made here, so that no child's load time or RSS includes it
+        if e.startswith("qwen2rt-") and e.endswith("c"):
+            _converted(gguf, e.split("-", 1)[1][:-1])
     results: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(a.rounds):
         for e in engines:
             kind, dtype = e.split("-", 1)
             spec = dict(engine=kind, dtype=dtype, model=gguf, gguf=gguf, threads=a.threads, prompts=prompts,
-                        decode=a.decode, contexts=contexts, max_context=max(prompts + contexts + [64]) + a.decode + 64)
+                        decode=a.decode, contexts=contexts, batches=batches,
+                        max_context=max(prompts + contexts + [64]) + a.decode + 64)
             p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
@@ -307,24 +338,32 @@ def main() -> None:
         row["decode_tok_s"] = a.decode / med["decode_s"]
         for c in contexts:
             row[f"decode@{c}_tok_s"] = a.decode / med[f"decode_at_{c}_s"]
+            row[f"decode@{c}_pct"] = 100 * row[f"decode@{c}_tok_s"] / row["decode_tok_s"]
+        for b in batches:
+            row[f"batch{b}_tok_s"] = med.get(f"batch_{b}_tok_s")
         read = med.get("read_bytes_per_token") or (per_token * bits / 8 if bits else None)
         if read:
             row["decode_GB_s"] = row["decode_tok_s"] * read / 1e9
             row["roofline_pct"] = 100 * row["decode_GB_s"] / (bw / 1e9)
-        row["prefill_GFLOP_s"] = row[f"prefill{prompts[-1]}_tok_s"] * 2 * (per_token - cfg.vocab_size * cfg.hidden_size) / 1e9
+        flops_per_token = 2 * (per_token - cfg.vocab_size * cfg.hidden_size)  # the lm_head runs once per prompt
+        row["prefill_GFLOP_s"] = row[f"prefill{prompts[-1]}_tok_s"] * flops_per_token / 1e9
         rows[e] = row
 
     def best(prefix: str, key: str) -> float | None:
         vals = [r[key] for e, r in rows.items() if e.startswith(prefix)]
         return max(vals) if vals else None
 
-    cols = ["engine", "load_s", f"prefill{prompts[0]}_tok_s", f"prefill{prompts[-1]}_tok_s", "decode_tok_s"] + \
-           [f"decode@{c}_tok_s" for c in contexts] + ["decode_GB_s", "roofline_pct", "prefill_GFLOP_s", "peak_rss_gb",
+    cols = ["engine", "load_s"] + [f"prefill{p}_tok_s" for p in dict.fromkeys([prompts[0], prompts[-1]])] + \
+           ["decode_tok_s"] + \
+           [x for c in contexts for x in (f"decode@{c}_tok_s", f"decode@{c}_pct")] + \
+           [f"batch{b}_tok_s" for b in batches] + ["decode_GB_s", "roofline_pct", "prefill_GFLOP_s", "peak_rss_gb",
                                                       "vs_llama_decode", "vs_torch_decode", "vs_best_prefill"]
-    ref_prefill = max(filter(None, [best("llama", f"prefill{prompts[-1]}_tok_s"), best("torch", f"prefill{prompts[-1]}_tok_s")]), default=None)
+    longest = f"prefill{prompts[-1]}_tok_s"
+    ref_prefill = max(filter(None, [best("llama", longest), best("torch", longest)]), default=None)
     for e, r in rows.items():
         lb, tb = best("llama", "decode_tok_s"), best("torch", "decode_tok_s")
-        same_bits = [x for x in rows if x.startswith("llama") and BITS.get(x.split("-", 1)[1]) == BITS.get(e.split("-", 1)[1])]
+        bits = BITS.get(e.split("-", 1)[1])
+        same_bits = [x for x in rows if x.startswith("llama") and BITS.get(x.split("-", 1)[1]) == bits]
         if same_bits:
             lb = rows[same_bits[0]]["decode_tok_s"]
         r["vs_llama_decode"] = r["decode_tok_s"] / lb if lb else None
@@ -338,8 +377,8 @@ def main() -> None:
     print("|" + "---|" * len(cols))
     for r in rows.values():
         print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
-    print(f"\nread bandwidth {bw / 1e9:.1f} GB/s with {a.threads} threads; vs_llama_decode compares with llama.cpp at the "
-          f"same bits per weight (else its fastest); vs_best_prefill with the fastest of llama.cpp and PyTorch.")
+    print(f"\nread bandwidth {bw / 1e9:.1f} GB/s with {a.threads} threads; vs_llama_decode compares with llama.cpp "
+          f"at the same bits per weight (else its fastest); vs_best_prefill with the fastest of llama.cpp and PyTorch.")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": gguf, "threads": a.threads, "bandwidth_Bps": bw, "weights_per_token": per_token,

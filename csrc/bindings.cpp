@@ -59,7 +59,7 @@ struct PyModel {
     std::vector<py::object> borrowed;  // arrays whose memory the model points into
     std::mutex busy;
 
-    PyModel(const py::dict& c, const std::string& dtype, int threads, int max_context) {
+    PyModel(const py::dict& c, const std::string& dtype, int threads, int max_context, const std::string& kv_dtype) {
         Qwen2Config cfg;
         cfg.vocab_size = c["vocab_size"].cast<int>();
         cfg.hidden_size = c["hidden_size"].cast<int>();
@@ -71,9 +71,9 @@ struct PyModel {
         cfg.rms_norm_eps = c["rms_norm_eps"].cast<float>();
         cfg.rope_theta = c["rope_theta"].cast<double>();
         cfg.tie_word_embeddings = c["tie_word_embeddings"].cast<bool>();
-        DType dt = parse_dtype(dtype);
+        const DType dt = parse_dtype(dtype), kv = parse_dtype(kv_dtype);
         py::gil_scoped_release nogil;
-        model = std::make_unique<Qwen2Model>(cfg, dt, threads, max_context);
+        model = std::make_unique<Qwen2Model>(cfg, dt, threads, max_context, kv);
     }
 
     bool set_tensor(const std::string& name, py::buffer arr, const std::string& src_dtype,
@@ -101,23 +101,16 @@ struct PyModel {
         return kept;
     }
 
-    py::array_t<float> forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int start_pos,
-                               bool all_logits) {
-        BusyGuard g(busy);
-        if (tokens.ndim() != 1) throw InvalidArgument("tokens must be a 1-D sequence of ids");
-        const int n = int(tokens.shape(0));
-        if (tokens.shape(0) > (1 << 24)) throw ContextOverflow("too many tokens");
-        const int V = model->config().vocab_size;
-        py::array_t<float> out = all_logits ? py::array_t<float>({py::ssize_t(n), py::ssize_t(V)})
-                                            : py::array_t<float>({py::ssize_t(V)});
-        float* outp = out.mutable_data();
-        const int32_t* tp = tokens.data();
+    using IdArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
-        // Ctrl-C: during a multi-token pass on the main thread, look for a pending signal between
-        // layers (a short GIL acquisition). A single decode step is short; the caller's loop sees it.
+    // Runs `pass(poll)` without the GIL. Ctrl-C: during a multi-token pass on the main thread, look
+    // for a pending signal between layers (a short GIL acquisition). A single decode step is short;
+    // the caller's loop sees the signal.
+    template <class Pass>
+    static void run_interruptible(bool long_pass, Pass&& pass) {
         PendingPyError pending;
         std::function<bool()> poll;
-        if (n > 1 && PyThread_get_thread_ident() == g_main_thread) {
+        if (long_pass && PyThread_get_thread_ident() == g_main_thread) {
             poll = [&pending]() noexcept {
                 py::gil_scoped_acquire gil;
                 if (PyErr_CheckSignals() == 0) return false;
@@ -127,7 +120,7 @@ struct PyModel {
         }
         try {
             py::gil_scoped_release nogil;
-            model->forward(tp, n, start_pos, all_logits, outp, poll);
+            pass(poll);
         } catch (const Interrupted&) {
             if (pending.set()) {
                 pending.restore();
@@ -136,6 +129,33 @@ struct PyModel {
             PyErr_SetNone(PyExc_KeyboardInterrupt);
             throw py::error_already_set();
         }
+    }
+
+    py::array_t<float> forward(IdArray tokens, int start_pos, bool all_logits, int seq) {
+        BusyGuard g(busy);
+        if (tokens.ndim() != 1) throw InvalidArgument("tokens must be a 1-D sequence of ids");
+        const int n = int(tokens.shape(0));
+        if (tokens.shape(0) > (1 << 24)) throw ContextOverflow("too many tokens");
+        const int V = model->config().vocab_size;
+        py::array_t<float> out = all_logits ? py::array_t<float>({py::ssize_t(n), py::ssize_t(V)})
+                                            : py::array_t<float>({py::ssize_t(V)});
+        float* outp = out.mutable_data();
+        const int32_t* tp = tokens.data();
+        run_interruptible(n > 1, [&](const std::function<bool()>& poll) {
+            model->forward(tp, n, start_pos, all_logits, outp, poll, seq);
+        });
+        return out;
+    }
+
+    py::array_t<float> decode_batch(IdArray tokens, IdArray seqs) {
+        BusyGuard g(busy);
+        if (tokens.ndim() != 1 || seqs.ndim() != 1 || tokens.shape(0) != seqs.shape(0))
+            throw InvalidArgument("decode_batch: tokens [n] and seqs [n]");
+        const int n = int(std::min<py::ssize_t>(tokens.shape(0), 1 << 20));
+        py::array_t<float> out({py::ssize_t(n), py::ssize_t(model->config().vocab_size)});
+        float* outp = out.mutable_data();
+        const int32_t *tp = tokens.data(), *sp = seqs.data();
+        run_interruptible(n > 1, [&](const std::function<bool()>& poll) { model->decode_batch(tp, sp, n, outp, poll); });
         return out;
     }
 };
@@ -182,6 +202,7 @@ PYBIND11_MODULE(_core, m) {
     py::object errors = py::module_::import("qwen2rt.errors");
     static py::object invalid = errors.attr("InvalidInputError");
     static py::object overflow = errors.attr("ContextLengthError");
+    static py::object oom = errors.attr("OutOfMemoryError");
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
@@ -189,6 +210,8 @@ PYBIND11_MODULE(_core, m) {
             PyErr_SetString(overflow.ptr(), e.what());
         } catch (const InvalidArgument& e) {
             PyErr_SetString(invalid.ptr(), e.what());
+        } catch (const std::bad_alloc& e) {
+            PyErr_SetString(oom.ptr(), e.what());
         }
     });
 
@@ -249,12 +272,16 @@ PYBIND11_MODULE(_core, m) {
             return best;
         },
         py::arg("nbytes") = size_t(1) << 30, py::arg("threads") = 1, py::arg("reps") = 5);
-    m.def("kv_cache_bytes", &KVCache::bytes_needed, py::arg("layers"), py::arg("kv_heads"), py::arg("head_dim"),
-          py::arg("max_context"));
+    m.def(
+        "kv_cache_bytes",
+        [](int layers, int kv_heads, int head_dim, int max_context, const std::string& kv_dtype) {
+            return KVCache::bytes_needed(layers, kv_heads, head_dim, max_context, parse_dtype(kv_dtype));
+        },
+        py::arg("layers"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_context"), py::arg("kv_dtype"));
 
     py::class_<PyModel>(m, "Qwen2Model")
-        .def(py::init<const py::dict&, const std::string&, int, int>(), py::arg("config"), py::arg("dtype"),
-             py::arg("threads"), py::arg("max_context"))
+        .def(py::init<const py::dict&, const std::string&, int, int, const std::string&>(), py::arg("config"),
+             py::arg("dtype"), py::arg("threads"), py::arg("max_context"), py::arg("kv_dtype"))
         .def("set_tensor", &PyModel::set_tensor, py::arg("name"), py::arg("array"), py::arg("src_dtype"),
              py::arg("shape"), py::arg("may_borrow") = true, py::arg("dtype") = py::none(),
              "Hand over a tensor; matrices are stored as `dtype` (default: the model's)")
@@ -272,22 +299,53 @@ PYBIND11_MODULE(_core, m) {
                 return py::make_tuple(std::string(dtype_name(v.dtype)), a, v.rows, v.cols);
             },
             py::arg("name"), "(dtype, bytes, rows, cols) of a stored tensor, or None")
-        .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("start_pos"), py::arg("all_logits") = false)
-        .def("reset", [](PyModel& s) {
-            BusyGuard g(s.busy);
-            s.model->reset();
-        })
+        .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("start_pos"), py::arg("all_logits") = false,
+             py::arg("seq") = 0)
+        .def("decode_batch", &PyModel::decode_batch, py::arg("tokens"), py::arg("seqs"),
+             "One decode step for several sequences: logits [n, vocab]")
+        .def(
+            "set_sequences",
+            [](PyModel& s, int n) {
+                BusyGuard g(s.busy);
+                s.model->set_sequences(n);
+            },
+            py::arg("n"))
+        .def_property_readonly("sequences", [](PyModel& s) { return s.model->sequences(); })
+        .def(
+            "reset",
+            [](PyModel& s, int seq) {
+                BusyGuard g(s.busy);
+                if (seq < 0 || seq >= s.model->sequences()) throw InvalidArgument("no sequence " + std::to_string(seq));
+                s.model->reset(seq);
+            },
+            py::arg("seq") = 0)
         .def_property_readonly("cache_len", [](PyModel& s) { return s.model->cache_len(); })
+        .def(
+            "seq_len",
+            [](PyModel& s, int seq) {
+                if (seq < 0 || seq >= s.model->sequences()) throw InvalidArgument("no sequence " + std::to_string(seq));
+                return s.model->cache_len(seq);
+            },
+            py::arg("seq"))
         .def_property_readonly("cached_tokens",
                                [](PyModel& s) {
                                    const std::vector<int32_t>& t = s.model->cached_tokens();
                                    return py::array_t<int32_t>(py::ssize_t(t.size()), t.data());
                                })
+        .def(
+            "seq_tokens",
+            [](PyModel& s, int seq) {
+                if (seq < 0 || seq >= s.model->sequences()) throw InvalidArgument("no sequence " + std::to_string(seq));
+                const std::vector<int32_t>& t = s.model->cached_tokens(seq);
+                return py::array_t<int32_t>(py::ssize_t(t.size()), t.data());
+            },
+            py::arg("seq"))
         .def_property_readonly("max_context", [](PyModel& s) { return s.model->max_context(); })
         .def_property_readonly("threads", [](PyModel& s) { return s.model->threads(); })
         .def_property_readonly("dtype", [](PyModel& s) { return std::string(dtype_name(s.model->dtype())); })
         .def_property_readonly("weight_bytes", [](PyModel& s) { return s.model->weight_bytes(); })
-        .def_property_readonly("kv_cache_bytes", [](PyModel& s) { return s.model->kv_cache_bytes(); });
+        .def_property_readonly("kv_cache_bytes", [](PyModel& s) { return s.model->kv_cache_bytes(); })
+        .def_property_readonly("kv_dtype", [](PyModel& s) { return std::string(dtype_name(s.model->kv_dtype())); });
 
     py::class_<Sampler>(m, "Sampler")
         .def(py::init<>())
@@ -424,15 +482,26 @@ PYBIND11_MODULE(_core, m) {
         K.silu_mul(g.data(), u.data(), int(g.shape(0)), y.mutable_data());
         return y;
     });
-    k.def("attention", [](const std::string& isa, F32Array q, F32Array keys, F32Array values, float scale) {
+    k.def("attention", [](const std::string& isa, F32Array q, py::array keys, py::array values, float scale) {
+        // keys and values: float32, or float16 (held as the cache holds them)
         const Kernels& K = kernels_or_throw(isa);
+        const bool f16 = keys.dtype().is(py::dtype("float16"));
+        if (f16 != values.dtype().is(py::dtype("float16")) || (!f16 && !keys.dtype().is(py::dtype::of<float>())) ||
+            (!f16 && !values.dtype().is(py::dtype::of<float>())))
+            throw InvalidArgument("attention: K and V are both float32 or both float16");
         if (q.ndim() != 2 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(1) != q.shape(1) ||
             values.shape(0) != keys.shape(0) || values.shape(1) != q.shape(1) || keys.shape(0) < 1)
             throw InvalidArgument("attention: q [G,D], K [T,D], V [T,D], T >= 1");
         const int G = int(q.shape(0)), D = int(q.shape(1)), T = int(keys.shape(0));
-        std::vector<float> scores(size_t(G) * T);
+        const py::array kc = py::array::ensure(keys, py::array::c_style), vc = py::array::ensure(values, py::array::c_style);
+        std::vector<float> scratch(attention_scratch_floats(G, T, D));
         py::array_t<float> out({G, D});
-        K.attention(q.data(), G, D, keys.data(), values.data(), T, scale, scores.data(), out.mutable_data());
+        if (f16)
+            K.attention_f16(q.data(), G, D, static_cast<const uint16_t*>(kc.data()),
+                            static_cast<const uint16_t*>(vc.data()), T, scale, scratch.data(), out.mutable_data());
+        else
+            K.attention_f32(q.data(), G, D, static_cast<const float*>(kc.data()), static_cast<const float*>(vc.data()),
+                            T, scale, scratch.data(), out.mutable_data());
         return out;
     });
 }

@@ -16,7 +16,7 @@ AlignedBuffer::AlignedBuffer(size_t bytes, bool huge_pages) {
     if (bytes >= (size_t(1) << 20)) {
         // Anonymous pages are zero and become resident only when first written.
         void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) throw std::bad_alloc();
+        if (p == MAP_FAILED) throw AllocationFailed(bytes);
 #ifdef MADV_HUGEPAGE
         // Weights are read in long sweeps: 2 MiB pages spare the TLB (advice only).
         if (huge_pages && bytes >= (size_t(4) << 20)) madvise(p, bytes, MADV_HUGEPAGE);
@@ -29,7 +29,7 @@ AlignedBuffer::AlignedBuffer(size_t bytes, bool huge_pages) {
 #endif
     const size_t rounded = (bytes + 63) / 64 * 64;
     void* p = std::aligned_alloc(64, rounded);
-    if (!p) throw std::bad_alloc();
+    if (!p) throw AllocationFailed(bytes);
     std::memset(p, 0, rounded);
     ptr_ = p;
     size_ = bytes;

@@ -38,6 +38,12 @@ struct InvalidArgument : std::invalid_argument {
 struct ContextOverflow : std::length_error {
     using std::length_error::length_error;
 };
+// Raised when memory cannot be had (mapped to qwen2rt.OutOfMemoryError), with the size asked for.
+struct AllocationFailed : std::bad_alloc {
+    std::string message;
+    explicit AllocationFailed(size_t bytes) : message("could not allocate " + std::to_string(bytes) + " bytes") {}
+    const char* what() const noexcept override { return message.c_str(); }
+};
 // Raised when a forward pass was stopped by a pending KeyboardInterrupt (the Python error is already set).
 struct Interrupted : std::exception {
     const char* what() const noexcept override { return "interrupted"; }

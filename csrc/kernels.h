@@ -35,10 +35,13 @@ struct Kernels {
 
     // Attention at one query position for the G query heads that share one KV head:
     //   out[g] = softmax_t(scale * q[g].K[t]) . V[t],  t < n_keys
-    // q and out are G rows of head_dim; K and V are n_keys rows of head_dim (one KV head of the cache).
-    // Each K and V row is read once for all G heads. scores is scratch for G*n_keys floats.
-    void (*attention)(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys,
-                      float scale, float* scores, float* out);
+    // q and out are G rows of head_dim; K and V are n_keys rows of head_dim (one KV head of the
+    // cache), f32 or IEEE f16. Each K and V row is read from memory once for all G heads. scratch
+    // holds attention_scratch_floats(G, n_keys, head_dim) floats.
+    void (*attention_f32)(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys,
+                          float scale, float* scratch, float* out);
+    void (*attention_f16)(const float* q, int G, int head_dim, const uint16_t* K, const uint16_t* V, int n_keys,
+                          float scale, float* scratch, float* out);
 
     // y[i] += x[i]
     void (*add)(float* y, const float* x, int n);
@@ -56,10 +59,25 @@ struct Kernels {
                       const float* bias, float* Y, int ldy, int n0, int n1);
 };
 
+// Keys are taken kAttnBlock at a time: an f16 block is widened to f32 once, into scratch, and then
+// read from L1 by each of the G heads.
+constexpr int kAttnBlock = 32;
+inline size_t attention_scratch_floats(int G, int n_keys, int head_dim) {
+    return size_t(G) * size_t(n_keys) + size_t(kAttnBlock) * size_t(head_dim);
+}
+
 const Kernels* kernels_generic();
 #if defined(QWEN2RT_X86)
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
+// The AVX2 attention serves the AVX-512 table too: it is bound by reading the cache, and 8-lane
+// score reductions cost no more than 16-lane ones there.
+namespace avx2 {
+void attention_f32(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,
+                   float* scratch, float* out);
+void attention_f16(const float* q, int G, int head_dim, const uint16_t* K, const uint16_t* V, int n_keys,
+                   float scale, float* scratch, float* out);
+}  // namespace avx2
 #endif
 
 // The table for an ISA name, or nullptr when this build or CPU lacks it.

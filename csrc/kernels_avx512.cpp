@@ -237,71 +237,6 @@ static void silu_mul(const float* gate, const float* up, int n, float* out) {
     }
 }
 
-static inline float dot(const float* a, const float* b, int n) {
-    __m512 acc = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    if (i < n) {
-        const __mmask16 m = tail_mask(n - i);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
-// y += a * x
-static inline void axpy(float a, const float* x, float* y, int n) {
-    const __m512 va = _mm512_set1_ps(a);
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-    if (i < n) {
-        const __mmask16 m = tail_mask(n - i);
-        _mm512_mask_storeu_ps(y + i, m,
-                              _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
-    }
-}
-
-// softmax in place over n floats
-static void softmax(float* s, int n) {
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    int t = 0;
-    for (; t + 16 <= n; t += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + t));
-    if (t < n) vmax = _mm512_mask_max_ps(vmax, tail_mask(n - t), vmax, _mm512_loadu_ps(s + t));
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    for (t = 0; t + 16 <= n; t += 16) {
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx));
-        _mm512_storeu_ps(s + t, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    if (t < n) {
-        const __mmask16 m = tail_mask(n - t);
-        const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), mx)));
-        _mm512_mask_storeu_ps(s + t, m, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
-    for (t = 0; t + 16 <= n; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
-    if (t < n) {
-        const __mmask16 m = tail_mask(n - t);
-        _mm512_mask_storeu_ps(s + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t), inv));
-    }
-}
-
-static void attention(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,
-                      float* scores, float* out) {
-    for (int t = 0; t < n_keys; t++) {  // each K row once, for all G heads
-        const float* k = K + size_t(t) * head_dim;
-        for (int g = 0; g < G; g++) scores[size_t(g) * n_keys + t] = scale * dot(q + g * head_dim, k, head_dim);
-    }
-    for (int g = 0; g < G; g++) softmax(scores + size_t(g) * n_keys, n_keys);
-    for (int i = 0; i < G * head_dim; i++) out[i] = 0.f;
-    for (int t = 0; t < n_keys; t++) {  // each V row once, for all G heads
-        const float* v = V + size_t(t) * head_dim;
-        for (int g = 0; g < G; g++) axpy(scores[size_t(g) * n_keys + t], v, out + g * head_dim, head_dim);
-    }
-}
-
 static void add(float* y, const float* x, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_loadu_ps(x + i)));
@@ -424,7 +359,7 @@ static void matmul_q4(const int8_t* xq, const float* xd, const int32_t* xs, int 
 }
 
 static const Kernels table = {
-    "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, attention, add,
+    "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, avx2::attention_f32, avx2::attention_f16, add,
     quantize_acts, matmul_q8,  matmul_q4,
 };
 

@@ -22,8 +22,12 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "kernels.h"
+#include "numeric.h"
 #include "quant.h"
 
 namespace qwen2rt {
@@ -53,6 +57,17 @@ struct Team {
         a = std::min(n, int(int64_t(units) * tid / nth) * align);
         b = std::min(n, int(int64_t(units) * (tid + 1) / nth) * align);
     }
+};
+
+// Subnormal floats cost a hundred cycles an operation on many x86 cores, and a long context makes
+// them: softmax weights of far-away keys times small values. Each thread of a pass flushes them to
+// zero (MXCSR FTZ and DAZ) and restores its previous mode afterwards (the caller's thread is one).
+struct FlushSubnormals {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned saved = _mm_getcsr();
+    FlushSubnormals() { _mm_setcsr(saved | 0x8040u); }
+    ~FlushSubnormals() { _mm_setcsr(saved); }
+#endif
 };
 
 // The input rows of one or more matmuls: float32, and their int8 form (quant.h) for q8 / q4
@@ -101,15 +116,16 @@ float* f32(const AlignedBuffer& b) { return b.as<float>(); }
 // ---------------------------------------------------------------------------------------------
 // KV cache
 
-size_t KVCache::bytes_needed(int layers, int kv_heads, int head_dim, int max_context) {
+size_t KVCache::bytes_needed(int layers, int kv_heads, int head_dim, int max_context, DType dtype) {
     return checked_mul(checked_mul(checked_mul(checked_mul(size_t(layers), size_t(kv_heads)), size_t(head_dim)),
                                    size_t(max_context)),
-                       2 * sizeof(float));
+                       2 * dtype_size(dtype));
 }
 
-KVCache::KVCache(int layers, int kv_heads, int head_dim, int max_context)
-    : kv_heads_(kv_heads), head_dim_(head_dim), max_context_(max_context) {
-    const size_t half = bytes_needed(layers, kv_heads, head_dim, max_context) / 2;
+KVCache::KVCache(int layers, int kv_heads, int head_dim, int max_context, DType dtype)
+    : kv_heads_(kv_heads), head_dim_(head_dim), max_context_(max_context), dtype_(dtype) {
+    if (dtype != DType::F32 && dtype != DType::F16) throw InvalidArgument("the KV cache holds f32 or f16");
+    const size_t half = bytes_needed(layers, kv_heads, head_dim, max_context, dtype) / 2;
     k_ = AlignedBuffer(half);
     v_ = AlignedBuffer(half);
 }
@@ -117,8 +133,8 @@ KVCache::KVCache(int layers, int kv_heads, int head_dim, int max_context)
 // ---------------------------------------------------------------------------------------------
 // Construction and weights
 
-Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, int max_context)
-    : cfg_(cfg), dtype_(weight_dtype), threads_(threads), max_context_(max_context) {
+Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, int max_context, DType kv_dtype)
+    : cfg_(cfg), dtype_(weight_dtype), threads_(threads), max_context_(max_context), kv_dtype_(kv_dtype) {
     auto need = [](bool ok, const std::string& what) {
         if (!ok) throw InvalidArgument("unsupported Qwen2 config: " + what);
     };
@@ -140,8 +156,10 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
 #endif
 
     layers_.resize(cfg.num_layers);
-    tokens_.reserve(size_t(max_context));
-    cache_ = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_context);
+    if (kv_dtype != DType::F32 && kv_dtype != DType::F16) throw InvalidArgument("the KV cache holds f32 or f16");
+    set_sequences(1);
+    row_seq_.resize(kChunk);
+    row_pos_.resize(kChunk);
 
     const size_t C = kChunk, H = cfg.hidden_size, I = cfg.intermediate_size;
     const size_t QD = size_t(cfg.num_heads) * cfg.head_dim, KVD = size_t(cfg.num_kv_heads) * cfg.head_dim;
@@ -160,7 +178,26 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
     s_.act_q = AlignedBuffer(C * size_t(q_blocks(int(widest))) * kQBlock);
     s_.act_d = AlignedBuffer(C * size_t(q_blocks(int(widest))) * 4);
     s_.act_s = AlignedBuffer(C * size_t(q_blocks(int(widest))) * 4);
-    s_.scores = AlignedBuffer(checked_mul(size_t(threads_) * group * size_t(max_context), 4));
+    s_.scores = AlignedBuffer(
+        checked_mul(checked_mul(size_t(threads_), attention_scratch_floats(int(group), max_context, cfg.head_dim)), 4));
+}
+
+void Qwen2Model::set_sequences(int n) {
+    if (n < 1 || n > kChunk) throw InvalidArgument("sequences must be in 1.." + std::to_string(kChunk));
+    caches_.resize(size_t(n));  // dropping slots frees their caches
+    tokens_.resize(size_t(n));
+    for (int i = 0; i < n; i++)
+        if (caches_[i].max_context() == 0) {
+            caches_[i] = KVCache(cfg_.num_layers, cfg_.num_kv_heads, cfg_.head_dim, max_context_, kv_dtype_);
+            tokens_[i].clear();
+            tokens_[i].reserve(size_t(max_context_));
+        }
+}
+
+size_t Qwen2Model::kv_cache_bytes() const {
+    size_t total = 0;
+    for (const KVCache& c : caches_) total += c.bytes();
+    return total;
 }
 
 Matrix* Qwen2Model::find_matrix(const std::string& name, int& rows, int& cols) {
@@ -227,6 +264,42 @@ static void convert(const void* src, DType from, void* dst, DType to, size_t n, 
     }
 }
 
+// The first NaN or Inf among `n` values at `data` in dtype `t` (for q8 / q4: among the f16 scales of
+// the packed blocks, whose integer values are always finite), or -1. A bad checkpoint is refused at
+// load rather than turned into NaN logits later. Two passes: a flag (which vectorises, and is all
+// that a good file pays for), then the position.
+static int64_t first_non_finite(const void* data, DType t, size_t n, int threads) {
+    const auto* u16 = static_cast<const uint16_t*>(data);
+    const auto* u32 = static_cast<const uint32_t*>(data);
+    size_t count = n, stride = 1, per = 1;  // count items of `per` halves, `stride` halves apart
+    uint32_t mask = 0;
+    if (t == DType::F32) mask = 0x7f800000u;
+    else if (t == DType::BF16) mask = 0x7f80u;
+    else if (t == DType::F16) mask = 0x7c00u;
+    else {  // q8 / q4: n blocks, each starting with 16 f16 scales
+        mask = 0x7c00u;
+        stride = (t == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes) / 2;
+        per = 16;
+    }
+    const int64_t N = int64_t(count);
+    int bad = 0;
+    if (t == DType::F32) {
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
+        for (int64_t i = 0; i < N; i++) bad |= (u32[i] & mask) == mask;
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
+        for (int64_t i = 0; i < N; i++)
+            for (size_t j = 0; j < per; j++) bad |= (u16[size_t(i) * stride + j] & mask) == mask;
+    }
+    if (!bad) return -1;
+    for (int64_t i = 0; i < N; i++)
+        for (size_t j = 0; j < per; j++) {
+            const uint32_t v = t == DType::F32 ? u32[i] : u16[size_t(i) * stride + j];
+            if ((v & mask) == mask) return i;
+        }
+    return -1;
+}
+
 // Bytes of a [rows, cols] matrix stored as `t`.
 static size_t matrix_bytes(DType t, int rows, int cols) {
     if (t == DType::Q8) return q8_bytes(rows, cols);
@@ -256,6 +329,21 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     if (!data || nbytes != need)
         throw InvalidArgument("tensor '" + name + "' holds " + std::to_string(nbytes) + " bytes, its shape as " +
                               dtype_name(src) + " needs " + std::to_string(need));
+    const size_t items = is_quantized(src) ? need / (src == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes)
+                                           : need / dtype_size(src);
+    if (const int64_t bad = first_non_finite(data, src, items, threads_); bad >= 0) {
+        std::string where;
+        if (is_quantized(src)) {
+            const int64_t B = q_blocks(cols);
+            where = "a scale of rows " + std::to_string(bad / B * kQRows) + ".." +
+                    std::to_string(std::min<int64_t>(rows, bad / B * kQRows + kQRows) - 1);
+        } else if (m) {
+            where = "row " + std::to_string(bad / cols) + ", column " + std::to_string(bad % cols);
+        } else {
+            where = "element " + std::to_string(bad);
+        }
+        throw InvalidArgument("tensor '" + name + "' holds NaN or Inf (first at " + where + ")");
+    }
 
     if (v) {
         v->assign(size_t(len), 0.f);
@@ -339,6 +427,19 @@ size_t Qwen2Model::weight_bytes() const {
     return total;
 }
 
+void Qwen2Model::store_kv(int seq, int layer, int head, int pos, const float* k, const float* v) {
+    const int D = cfg_.head_dim;
+    KVCache& cache = caches_[size_t(seq)];
+    if (cache.dtype() == DType::F16) {
+        uint16_t* kc = cache.keys<uint16_t>(layer, head) + size_t(pos) * D;
+        uint16_t* vc = cache.values<uint16_t>(layer, head) + size_t(pos) * D;
+        for (int i = 0; i < D; i++) kc[i] = f32_to_f16(k[i]), vc[i] = f32_to_f16(v[i]);
+    } else {
+        std::memcpy(cache.keys<float>(layer, head) + size_t(pos) * D, k, D * sizeof(float));
+        std::memcpy(cache.values<float>(layer, head) + size_t(pos) * D, v, D * sizeof(float));
+    }
+}
+
 void Qwen2Model::embed(int token, float* out) const {
     const size_t H = cfg_.hidden_size;
     const Matrix& E = embed_tokens_;
@@ -358,39 +459,69 @@ void Qwen2Model::embed(int token, float* out) const {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-void Qwen2Model::forward(const int32_t* tokens, int n, int start_pos, bool all_logits, float* logits,
-                         const std::function<bool()>& interrupted) {
-    if (n < 1) throw InvalidArgument("forward needs at least one token");
-    if (start_pos < 0 || start_pos > cache_len())
-        throw InvalidArgument("start_pos " + std::to_string(start_pos) + " is past the " + std::to_string(cache_len()) +
-                              " cached positions; it must be in 0.." + std::to_string(cache_len()));
-    if (int64_t(start_pos) + n > max_context_)
-        throw ContextOverflow("positions " + std::to_string(start_pos) + ".." + std::to_string(int64_t(start_pos) + n - 1) +
-                              " do not fit max_context=" + std::to_string(max_context_));
+void Qwen2Model::check_tokens(const int32_t* tokens, int n) const {
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
             throw InvalidArgument("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
                                   " is outside the vocabulary (0.." + std::to_string(cfg_.vocab_size - 1) + ")");
-    if (!ready_) {  // checked once: the decode loop allocates nothing
-        const std::vector<std::string> missing = missing_tensors();
-        if (!missing.empty()) throw InvalidArgument("weights missing: " + missing.front());
-        ready_ = true;
-    }
+}
+
+void Qwen2Model::check_ready() {
+    if (ready_) return;  // checked once: the decode loop allocates nothing
+    const std::vector<std::string> missing = missing_tensors();
+    if (!missing.empty()) throw InvalidArgument("weights missing: " + missing.front());
+    ready_ = true;
+}
+
+void Qwen2Model::forward(const int32_t* tokens, int n, int start_pos, bool all_logits, float* logits,
+                         const std::function<bool()>& interrupted, int seq) {
+    if (n < 1) throw InvalidArgument("forward needs at least one token");
+    if (seq < 0 || seq >= sequences())
+        throw InvalidArgument("sequence " + std::to_string(seq) + " does not exist (0.." + std::to_string(sequences() - 1) + ")");
+    if (start_pos < 0 || start_pos > cache_len(seq))
+        throw InvalidArgument("start_pos " + std::to_string(start_pos) + " is past the " + std::to_string(cache_len(seq)) +
+                              " cached positions; it must be in 0.." + std::to_string(cache_len(seq)));
+    if (int64_t(start_pos) + n > max_context_)
+        throw ContextOverflow("positions " + std::to_string(start_pos) + ".." + std::to_string(int64_t(start_pos) + n - 1) +
+                              " do not fit max_context=" + std::to_string(max_context_));
+    check_tokens(tokens, n);
+    check_ready();
 
     // Positions from start_pos on are about to be overwritten; a chunk counts once it is done, so
     // after an interruption the cache holds exactly the chunks that finished.
-    tokens_.resize(size_t(start_pos));
+    std::vector<int32_t>& cached = tokens_[size_t(seq)];
+    cached.resize(size_t(start_pos));
     for (int c0 = 0; c0 < n; c0 += kChunk) {
         const int nc = std::min(kChunk, n - c0);
         const bool last_chunk = c0 + nc == n;
         float* out = all_logits ? logits + size_t(c0) * cfg_.vocab_size : (last_chunk ? logits : nullptr);
-        forward_chunk(tokens + c0, nc, start_pos + c0, out, all_logits, interrupted);
-        tokens_.insert(tokens_.end(), tokens + c0, tokens + c0 + nc);
+        for (int t = 0; t < nc; t++) row_seq_[t] = seq, row_pos_[t] = start_pos + c0 + t;
+        forward_chunk(tokens + c0, row_seq_.data(), row_pos_.data(), nc, out, all_logits, interrupted);
+        cached.insert(cached.end(), tokens + c0, tokens + c0 + nc);
     }
 }
 
-void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* logits, bool all_logits,
-                               const std::function<bool()>& interrupted) {
+void Qwen2Model::decode_batch(const int32_t* tokens, const int32_t* seqs, int n, float* logits,
+                              const std::function<bool()>& interrupted) {
+    if (n < 1 || n > sequences()) throw InvalidArgument("decode_batch needs 1.." + std::to_string(sequences()) + " tokens");
+    std::vector<bool> seen(size_t(sequences()), false);
+    for (int i = 0; i < n; i++) {
+        const int s = seqs[i];
+        if (s < 0 || s >= sequences() || seen[size_t(s)])
+            throw InvalidArgument("decode_batch: sequence " + std::to_string(s) + " is out of range or repeated");
+        seen[size_t(s)] = true;
+        if (cache_len(s) + 1 > max_context_)
+            throw ContextOverflow("sequence " + std::to_string(s) + " is full: max_context=" + std::to_string(max_context_));
+    }
+    check_tokens(tokens, n);
+    check_ready();
+    for (int i = 0; i < n; i++) row_seq_[i] = seqs[i], row_pos_[i] = cache_len(seqs[i]);
+    forward_chunk(tokens, row_seq_.data(), row_pos_.data(), n, logits, /*all_logits=*/true, interrupted);
+    for (int i = 0; i < n; i++) tokens_[size_t(seqs[i])].push_back(tokens[i]);
+}
+
+void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const int32_t* pos, int n, float* logits,
+                               bool all_logits, const std::function<bool()>& interrupted) {
     const Kernels& K = active_kernels();
     const Qwen2Config& c = cfg_;
     const int H = c.hidden_size, I = c.intermediate_size, D = c.head_dim, half = D / 2;
@@ -413,6 +544,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* lo
 #pragma omp parallel num_threads(threads_)
     {
         const Team team;
+        const FlushSubnormals ftz;
         int a, b;
 
         // Token embeddings, and cos|sin of each position as transformers computes them in float32:
@@ -422,7 +554,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* lo
             float* cs = rope + size_t(t) * D;
             for (int i = 0; i < half; i++) {
                 const float inv_freq = 1.0f / std::pow(float(c.rope_theta), float(2 * i) / float(D));
-                const float angle = float(pos0 + t) * inv_freq;
+                const float angle = float(pos[t]) * inv_freq;
                 cs[i] = float(std::cos(double(angle)));
                 cs[half + i] = float(std::sin(double(angle)));
             }
@@ -449,26 +581,27 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, int n, int pos0, float* lo
             team.split(KVD, heads_align, a, b);
             matmul_rows(K, in_x, n, w.k_proj, w.k_bias.data(), k, KVD, a, b);
             matmul_rows(K, in_x, n, w.v_proj, w.v_bias.data(), v, KVD, a, b);
-            for (int h = a / D; h < b / D; h++) {
-                float* kc = cache_.keys(l, h) + size_t(pos0) * D;
-                float* vc = cache_.values(l, h) + size_t(pos0) * D;
+            for (int h = a / D; h < b / D; h++)
                 for (int t = 0; t < n; t++) {
                     float* kt = k + size_t(t) * KVD + h * D;
                     K.rope(kt, rope + size_t(t) * D, rope + size_t(t) * D + half, half);
-                    std::memcpy(kc + size_t(t) * D, kt, D * sizeof(float));
-                    std::memcpy(vc + size_t(t) * D, v + size_t(t) * KVD + h * D, D * sizeof(float));
+                    store_kv(seq[t], l, h, pos[t], kt, v + size_t(t) * KVD + h * D);
                 }
-            }
             team.sync();
 
-            // Causal grouped-query attention: token t sees positions 0..pos0+t. One work item is a
-            // (KV head, token) pair and covers the G query heads that share the KV head.
-            float* scores = f32(s_.scores) + size_t(team.tid) * G * max_context_;
+            // Causal grouped-query attention: row t sees positions 0..pos[t] of its sequence. One
+            // work item is a (KV head, row) pair and covers the G query heads that share the KV head.
+            float* scratch = f32(s_.scores) + size_t(team.tid) * attention_scratch_floats(G, max_context_, D);
             for (int item = team.tid; item < c.num_kv_heads * n; item += team.nth) {
                 const int h = item % c.num_kv_heads, t = item / c.num_kv_heads;
                 const size_t off = size_t(t) * QD + size_t(h) * G * D;
-                K.attention(q + off, G, D, cache_.keys(l, h), cache_.values(l, h), pos0 + t + 1, scale, scores,
-                            att + off);
+                KVCache& cache = caches_[size_t(seq[t])];
+                if (cache.dtype() == DType::F16)
+                    K.attention_f16(q + off, G, D, cache.keys<uint16_t>(l, h), cache.values<uint16_t>(l, h), pos[t] + 1,
+                                    scale, scratch, att + off);
+                else
+                    K.attention_f32(q + off, G, D, cache.keys<float>(l, h), cache.values<float>(l, h), pos[t] + 1, scale,
+                                    scratch, att + off);
             }
             team.sync();
 

@@ -44,29 +44,35 @@ struct LayerWeights {
 
 // Keys and values of every layer for max_context positions, allocated once (pages are only made
 // resident as positions are written). Layout [layer][kv_head][position][head_dim], so that the
-// attention for one KV head reads one contiguous block.
+// attention for one KV head reads one contiguous block. Elements are f32 or IEEE f16: f16 halves
+// what a long-context decode step reads (the keys and values themselves are computed in f32).
 class KVCache {
   public:
     KVCache() = default;
-    KVCache(int layers, int kv_heads, int head_dim, int max_context);
-    float* keys(int layer, int head) { return k_.as<float>() + offset(layer, head); }
-    float* values(int layer, int head) { return v_.as<float>() + offset(layer, head); }
-    static size_t bytes_needed(int layers, int kv_heads, int head_dim, int max_context);
+    KVCache(int layers, int kv_heads, int head_dim, int max_context, DType dtype);
+    template <class T>
+    T* keys(int layer, int head) { return k_.as<T>() + offset(layer, head); }
+    template <class T>
+    T* values(int layer, int head) { return v_.as<T>() + offset(layer, head); }
+    static size_t bytes_needed(int layers, int kv_heads, int head_dim, int max_context, DType dtype);
     size_t bytes() const { return k_.size() + v_.size(); }
     int max_context() const { return max_context_; }
+    DType dtype() const { return dtype_; }
 
   private:
     size_t offset(int layer, int head) const {
         return (size_t(layer) * kv_heads_ + head) * size_t(max_context_) * head_dim_;
     }
     int kv_heads_ = 0, head_dim_ = 0, max_context_ = 0;
+    DType dtype_ = DType::F32;
     AlignedBuffer k_, v_;
 };
 
 class Qwen2Model {
   public:
-    // Checks the configuration (throws InvalidArgument) and allocates the KV cache and scratch.
-    Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, int max_context);
+    // Checks the configuration (throws InvalidArgument) and allocates the KV cache (f32 or f16)
+    // and scratch.
+    Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, int max_context, DType kv_dtype);
 
     // Hands over one tensor under its Hugging Face name ("model.layers.3.self_attn.q_proj.weight").
     // The shape must be the one the config implies and `nbytes` exactly its size in `src` (a packed
@@ -87,31 +93,48 @@ class Qwen2Model {
     // Names of the tensors still missing (empty when the model is ready).
     std::vector<std::string> missing_tensors() const;
 
-    // Runs `n` tokens at positions start_pos.. through the decoder; they attend to every cached
-    // position before them. Writes float32 logits for every token (all_logits, n rows) or for the
-    // last one (one row) to `logits`, each row vocab_size long. `interrupted`, if set, is polled
-    // between layers; when it returns true the pass stops and Interrupted is thrown.
-    void forward(const int32_t* tokens, int n, int start_pos, bool all_logits, float* logits,
-                 const std::function<bool()>& interrupted = {});
+    // The model holds one KV cache per sequence slot: slot 0 always, more after set_sequences(n)
+    // (each max_context long; pages become resident only as positions are written).
+    void set_sequences(int n);
+    int sequences() const { return int(caches_.size()); }
 
-    void reset() { tokens_.clear(); }
-    // How many positions of the cache hold valid keys and values, and the token at each.
-    int cache_len() const { return int(tokens_.size()); }
-    const std::vector<int32_t>& cached_tokens() const { return tokens_; }
+    // Runs `n` tokens of sequence `seq` at positions start_pos.. through the decoder; they attend to
+    // every cached position of that sequence before them. Writes float32 logits for every token
+    // (all_logits, n rows) or for the last one (one row) to `logits`, each row vocab_size long.
+    // `interrupted`, if set, is polled between layers; when it returns true the pass stops and
+    // Interrupted is thrown.
+    void forward(const int32_t* tokens, int n, int start_pos, bool all_logits, float* logits,
+                 const std::function<bool()>& interrupted = {}, int seq = 0);
+    // One decode step for n distinct sequences at once: token i is appended to sequence seqs[i]
+    // (at position cache_len(seqs[i])). Every weight is read once for all of them. Writes n rows
+    // of logits.
+    void decode_batch(const int32_t* tokens, const int32_t* seqs, int n, float* logits,
+                      const std::function<bool()>& interrupted = {});
+
+    void reset(int seq = 0) { tokens_.at(size_t(seq)).clear(); }
+    // How many positions of a sequence's cache hold valid keys and values, and the token at each.
+    int cache_len(int seq = 0) const { return int(tokens_.at(size_t(seq)).size()); }
+    const std::vector<int32_t>& cached_tokens(int seq = 0) const { return tokens_.at(size_t(seq)); }
     int max_context() const { return max_context_; }
     int threads() const { return threads_; }
     DType dtype() const { return dtype_; }
     const Qwen2Config& config() const { return cfg_; }
     size_t weight_bytes() const;
-    size_t kv_cache_bytes() const { return cache_.bytes(); }
+    size_t kv_cache_bytes() const;  // all slots
+    DType kv_dtype() const { return kv_dtype_; }
 
     // Tokens a single pass processes at once; longer prompts go through in chunks of this size.
     static constexpr int kChunk = 256;
 
   private:
-    void forward_chunk(const int32_t* tokens, int n, int start_pos, float* logits, bool all_logits,
-                       const std::function<bool()>& interrupted);
+    // n rows (n <= kChunk): row t is token tokens[t] of sequence seq[t] at position pos[t].
+    void forward_chunk(const int32_t* tokens, const int32_t* seq, const int32_t* pos, int n, float* logits,
+                       bool all_logits, const std::function<bool()>& interrupted);
+    void check_tokens(const int32_t* tokens, int n) const;
+    void check_ready();
     void embed(int token, float* out) const;
+    // Writes one position's key (after RoPE) and value of one KV head into a sequence's cache.
+    void store_kv(int seq, int layer, int head, int pos, const float* k, const float* v);
     Matrix* find_matrix(const std::string& name, int& rows, int& cols);
     std::vector<float>* find_vector(const std::string& name, int& len);
     const Matrix& lm_head() const { return cfg_.tie_word_embeddings ? embed_tokens_ : lm_head_; }
@@ -120,7 +143,8 @@ class Qwen2Model {
     DType dtype_;
     int threads_;
     int max_context_;
-    std::vector<int32_t> tokens_;  // capacity max_context, reserved once
+    DType kv_dtype_;
+    std::vector<std::vector<int32_t>> tokens_;  // per sequence; capacity max_context, reserved once
     bool ready_ = false;           // every weight present (checked at the first forward)
 
     Matrix embed_tokens_;
@@ -128,7 +152,8 @@ class Qwen2Model {
     std::vector<float> norm_;
     Matrix lm_head_;
 
-    KVCache cache_;
+    std::vector<KVCache> caches_;  // per sequence
+    std::vector<int32_t> row_seq_, row_pos_;  // [kChunk]: the rows of a chunk
 
     // Activations for one chunk, allocated once: the forward pass allocates nothing.
     struct Scratch {
@@ -140,7 +165,7 @@ class Qwen2Model {
         AlignedBuffer gate, up; // MLP                    [chunk, intermediate]
         AlignedBuffer rope;     // cos | sin per position [chunk, head_dim]
         AlignedBuffer act_q, act_d, act_s;  // a matmul input as int8 blocks (quant.h)
-        AlignedBuffer scores;   // attention scores       [threads, group, max_context]
+        AlignedBuffer scores;   // attention scratch      [threads, attention_scratch_floats]
     } s_;
 };
 

@@ -258,6 +258,45 @@ def test_shard_index_path_traversal(copy):
         qwen2rt.Model(copy)
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8", "q4"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name, index, where", [
+    ("model.layers.1.mlp.up_proj.weight", (5, 7), "row 5, column 7"),
+    ("model.layers.0.input_layernorm.weight", (3,), "element 3"),
+])
+def test_non_finite_weights_refused_at_load(copy, dtype, value, name, index, where):
+    """A NaN or Inf anywhere in the weights is refused at load, naming the tensor and the place,
+    whatever the dtype the model is held in (the source values are checked, before rounding or
+    quantization could hide or spread them)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(copy / "model.safetensors")
+    tensors[name][index] = value
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(FormatError, match=rf"{name.replace('.', '[.]')}' holds NaN or Inf \(first at {where}"):
+        qwen2rt.Model(copy, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["q8", "q4"])
+def test_non_finite_scale_in_converted_model_refused(good, tmp_path, dtype):
+    """A converted (packed) model with an Inf block scale: refused at load, naming the tensor."""
+    from qwen2rt.converted import convert
+
+    out = tmp_path / dtype
+    convert(good, out, dtype=dtype)
+    st = out / "model.safetensors"
+    raw = bytearray(st.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    name = "model.layers.1.mlp.down_proj.weight"
+    start = 8 + n + header[name]["data_offsets"][0]
+    raw[start + 2 : start + 4] = struct.pack("<H", 0x7C00)  # the second row's scale of block 0: +Inf
+    st.write_bytes(bytes(raw))
+    where = r"first at a scale of rows 0..15"
+    with pytest.raises(FormatError, match=rf"{name.replace('.', '[.]')}' holds NaN or Inf \({where}"):
+        qwen2rt.Model(out)
+
+
 # -- bad arguments -----------------------------------------------------------------------------
 
 def test_bad_dtype(good):
@@ -357,7 +396,8 @@ def test_ctrl_c_during_prefill(tmp_path):
                rope_theta=10000.0, tie_word_embeddings=True)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     rng = np.random.default_rng(0)
-    t = {"model.embed_tokens.weight": rng.standard_normal((vocab, H), np.float32), "model.norm.weight": np.ones(H, np.float32)}
+    t = {"model.embed_tokens.weight": rng.standard_normal((vocab, H), np.float32),
+         "model.norm.weight": np.ones(H, np.float32)}
     for i in range(L):
         p = f"model.layers.{i}."
         for name, shape in [("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (KV, H)), ("self_attn.v_proj", (KV, H)),
@@ -395,3 +435,31 @@ def test_ctrl_c_during_prefill(tmp_path):
     m.reset()
     want = m.forward(ids[: n + 8])
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+    # during decode: generations run back to back until the signal; it ends the current one at once
+    fired = []
+
+    def fire():
+        fired.append(time.perf_counter())
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    timer = threading.Timer(0.5, fire)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        while True:
+            m.generate(ids[:16], max_new_tokens=200, temperature=0)
+    latency = time.perf_counter() - fired[0]
+    timer.join()
+    assert latency < 0.25, latency
+    assert m.generate(ids[:16], max_new_tokens=3, temperature=0).prompt_tokens == 16  # usable, not busy
+
+
+def test_allocation_failure_in_the_core_is_out_of_memory_error():
+    """A cache the address space cannot hold, asked of the C++ core directly (past Model's own
+    check): qwen2rt.OutOfMemoryError with the bytes asked for, not a crash."""
+    from qwen2rt import _core
+
+    cfg = dict(vocab_size=16, hidden_size=64, intermediate_size=64, num_hidden_layers=4096, num_attention_heads=1024,
+               num_key_value_heads=1024, head_dim=1024, rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=True)
+    with pytest.raises(OutOfMemoryError, match=r"could not allocate \d+ bytes"):
+        _core.Qwen2Model(cfg, "f32", 1, 1 << 24, "f16")

@@ -18,7 +18,8 @@ def folder(tmp_path_factory):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "qwen2rt", *map(str, args)], capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "qwen2rt", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def test_generate_streams_the_same_text(folder):
@@ -41,7 +42,10 @@ def test_info(folder):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["config"]["num_attention_heads"] == 14
-    assert info["kv_cache_bytes"]["per_token"] == 2 * 3 * 2 * 6 * 4
+    per_token = 2 * 3 * 2 * 6  # K and V, layers, kv heads, head_dim
+    assert info["kv_cache_bytes"]["f16"]["per_token"] == per_token * 2
+    assert info["kv_cache_bytes"]["f32"]["per_token"] == per_token * 4
+    assert info["weights_bytes"]["q8"] < info["weights_bytes"]["bf16"] < info["weights_bytes"]["f32"]
     r = run("info", folder)
     assert "KV cache" in r.stdout and "parameters" in r.stdout
 
@@ -108,6 +112,7 @@ def test_perplexity_and_saved_reference(folder, tmp_path):
     assert s["mean_kl"] < 1e-6 and s["top1_agreement"] == 1.0
     assert abs(s["perplexity"] - base["perplexity"]) < 1e-3 * base["perplexity"]
     # bf16 weights against the f32 model: a small, non-zero divergence
-    r = run("perplexity", folder, text, "--ctx", 64, "--windows", 3, "--dtype", "bf16", "--kl-divergence", folder, "--json")
+    r = run("perplexity", folder, text, "--ctx", 64, "--windows", 3, "--dtype", "bf16", "--kl-divergence", folder,
+            "--json")
     s = json.loads(r.stdout)
     assert 0 < s["mean_kl"] < 0.05

@@ -224,3 +224,95 @@ def test_two_models_in_two_threads(folder):
         t.join()
     assert got["a"] == [want_a] * 3
     assert got["b"] == [want_b] * 3
+
+
+def test_one_model_from_two_threads_is_refused_not_corrupted(folder):
+    """A second thread gets ModelBusyError while a generation holds the model; the first
+    generation's output is what it would be alone, and the model works afterwards."""
+    m = qwen2rt.Model(folder, dtype="f32", threads=1)
+    want = m.generate("abc", max_new_tokens=20, temperature=0)
+    stream = m.generate("abc", max_new_tokens=20, temperature=0, stream=True)
+    first = next(stream)  # the stream now holds the model
+    errors = []
+
+    def other():
+        for call in (lambda: m.generate("xyz", max_new_tokens=5), lambda: m.forward([1, 2]), m.reset):
+            try:
+                call()
+            except qwen2rt.ModelBusyError as e:
+                errors.append(str(e))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(errors) == 3 and "another thread" in errors[0]
+    assert first + "".join(stream) == want
+    # free again once the stream has ended
+    assert m.generate("abc", max_new_tokens=20, temperature=0).token_ids == want.token_ids
+
+
+def test_closed_or_dropped_stream_frees_the_model(folder):
+    m = qwen2rt.Model(folder, dtype="f32", threads=1)
+    s = m.generate("abc", max_new_tokens=50, temperature=0, stream=True)
+    next(s)
+    s.close()
+    m.forward([1, 2, 3])
+    s = m.generate("abc", max_new_tokens=50, temperature=0, stream=True)
+    next(s)
+    del s  # garbage-collected mid-stream
+    m.forward([1, 2, 3])
+
+
+def test_drop_oldest_keeps_the_newest_tokens(folder):
+    m = qwen2rt.Model(folder, dtype="f32", max_context=32)
+    ids = list(range(3, 43))  # 40 tokens > 32
+    with pytest.raises(qwen2rt.ContextLengthError, match="drop_oldest"):
+        m.generate(ids, max_new_tokens=4)
+    r = m.generate(ids, max_new_tokens=4, temperature=0, drop_oldest=True)
+    assert r.prompt_tokens == 28 and r.completion_tokens == 4
+    assert list(m._core.cached_tokens[:28]) == ids[-28:]
+    # the same as giving the newest 28 tokens yourself
+    assert m.generate(ids[-28:], max_new_tokens=4, temperature=0).token_ids == r.token_ids
+    # a huge max_new_tokens still keeps half the context for the prompt
+    r = m.generate(ids, max_new_tokens=1000, temperature=0, drop_oldest=True)
+    assert r.prompt_tokens == 16
+
+
+def test_exactly_max_context_prompt(folder):
+    m = qwen2rt.Model(folder, dtype="f32", max_context=24)
+    assert m.forward(list(range(1, 25))).shape == (m.config.vocab_size,)
+    with pytest.raises(qwen2rt.ContextLengthError, match="max_context=24"):
+        m.forward(list(range(1, 26)))
+
+
+def test_chat_keeps_history_and_prefills_only_the_new_turn(folder):
+    m = qwen2rt.Model(folder, dtype="f32", threads=1)
+    chat = m.chat(system="be brief")
+    r1 = chat.say("hello there", max_new_tokens=8, temperature=0)
+    assert [x["role"] for x in chat.messages] == ["system", "user", "assistant"]
+    assert chat.messages[-1]["content"] == str(r1)
+
+    seen = []
+    core = m._core
+
+    class Spy:  # records the positions each prefill starts at
+        def __getattr__(self, name):
+            return getattr(core, name)
+
+        def forward(self, ids, start, all_logits=False, seq=0):
+            seen.append((len(ids), start))
+            return core.forward(ids, start, all_logits, seq)
+
+    m._core = Spy()
+    try:
+        stream = chat.say("and again", max_new_tokens=8, temperature=0, stream=True)
+        text = "".join(stream)
+    finally:
+        m._core = core
+    n_new, start = seen[0]
+    full = m.tokenizer.encode_chat(chat.messages[:-1], add_generation_prompt=True)
+    assert start > 0 and start + n_new == len(full)  # the history before the new turn was not run again
+    assert chat.messages[-1] == {"role": "assistant", "content": text}
+    # the same reply as a cold start from the whole conversation
+    m.reset()
+    assert m.generate(chat.messages[:-1], max_new_tokens=8, temperature=0) == text

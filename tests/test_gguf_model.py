@@ -76,4 +76,5 @@ def test_gguf_sampling_defaults_from_metadata(checkpoints, tmp_path):
     assert "do_sample" not in qwen2rt.Model(plain).generation_config
     g = qwen2rt.Model(tuned).generation_config
     assert g["do_sample"] is True and g["top_k"] == 30
-    assert abs(g["temperature"] - 0.6) < 1e-6 and abs(g["top_p"] - 0.9) < 1e-6 and abs(g["repetition_penalty"] - 1.1) < 1e-6
+    assert abs(g["temperature"] - 0.6) < 1e-6 and abs(g["top_p"] - 0.9) < 1e-6
+    assert abs(g["repetition_penalty"] - 1.1) < 1e-6

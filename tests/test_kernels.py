@@ -98,27 +98,38 @@ def attention_ref(q, K, V, scale):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv", [np.float32, np.float16])
 @pytest.mark.parametrize("G", [1, 2, 7])
-@pytest.mark.parametrize("D", [6, 16, 24, 64])
+@pytest.mark.parametrize("D", [6, 16, 24, 64, 128])
 @pytest.mark.parametrize("T", [1, 3, 17, 200])
-def test_attention(isa, G, D, T):
+def test_attention(isa, kv, G, D, T):
+    # K and V as the cache holds them (f32 or f16); the reference sees the same stored values
     q = (2 * rng.standard_normal((G, D))).astype(np.float32)
-    K = (2 * rng.standard_normal((T, D))).astype(np.float32)
-    V = rng.standard_normal((T, D)).astype(np.float32)
+    K = (2 * rng.standard_normal((T, D))).astype(kv)
+    V = rng.standard_normal((T, D)).astype(kv)
     scale = 1 / np.sqrt(D)
     close(_core.kernels.attention(isa, q, K, V, scale), attention_ref(q, K, V, scale))
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_attention_peaked(isa):
+@pytest.mark.parametrize("kv", [np.float32, np.float16])
+def test_attention_peaked(isa, kv):
     # one key dominates: softmax must not overflow, and the output must be that key's value
     D, T = 64, 50
-    K = rng.standard_normal((T, D)).astype(np.float32)
-    V = rng.standard_normal((T, D)).astype(np.float32)
-    q = (K[17] * 40).astype(np.float32)[None]
+    K = rng.standard_normal((T, D)).astype(kv)
+    V = rng.standard_normal((T, D)).astype(kv)
+    q = (K[17].astype(np.float32) * 40)[None]
     got = _core.kernels.attention(isa, q, K, V, 1.0)
     assert np.isfinite(got).all()
     close(got, attention_ref(q, K, V, 1.0))
+
+
+def test_attention_rejects_mixed_kv_dtypes():
+    import qwen2rt
+
+    q = np.zeros((1, 8), np.float32)
+    with pytest.raises(qwen2rt.InvalidInputError, match="both float32 or both float16"):
+        _core.kernels.attention("generic", q, np.zeros((2, 8), np.float16), np.zeros((2, 8), np.float32), 1.0)
 
 
 def test_isa_paths_listed():

@@ -44,13 +44,14 @@ def test_prefill_then_decode_matches_transformers(checkpoint, isa):
     """Prefill of 45 tokens, then 12 decode steps through the KV cache: every logit row within 1e-4
     (relative to the largest logit) of transformers' float32 logits."""
     folder, ref, file_dtype = checkpoint
-    # f32 weights; a bf16 file also runs as bf16 in memory: the same numbers, computed in f32.
+    # f32 weights; a bf16 file also runs as bf16 in memory: the same numbers, computed in f32 (with
+    # an f32 KV cache here: the f16 cache is checked on its own below).
     dtypes = ["f32"] + (["bf16"] if file_dtype == torch.bfloat16 else [])
     rng = np.random.default_rng(7)
     ids = rng.integers(0, ref.config.vocab_size, 57).tolist()
     want = reference_logits(ref, ids)
     for dtype in dtypes:
-        m = qwen2rt.Model(folder, dtype=dtype, max_context=128)
+        m = qwen2rt.Model(folder, dtype=dtype, max_context=128, kv_dtype="f32")
         rows = [m.forward(ids[:45], all_logits=True)]
         for i in range(45, 57):
             rows.append(m.forward([ids[i]], start_pos=i)[None])
@@ -58,6 +59,33 @@ def test_prefill_then_decode_matches_transformers(checkpoint, isa):
         assert got.shape == want.shape
         assert rel_err(got, want) < 1e-4, (dtype, rel_err(got, want))
         assert m.cache_len == 57
+
+
+def test_f16_kv_cache(checkpoint, isa):
+    """The f16 cache (the default for bf16/q8/q4 weights) rounds keys and values to 11 significant
+    bits: close to the f32 cache, through prefill and decode, and not identical to it."""
+    folder, ref, _ = checkpoint
+    rng = np.random.default_rng(9)
+    ids = rng.integers(0, ref.config.vocab_size, 40).tolist()
+    out = {}
+    for kv in ("f32", "f16"):
+        m = qwen2rt.Model(folder, dtype="f32", max_context=64, kv_dtype=kv)
+        assert m.info()["kv_dtype"] == kv
+        rows = [m.forward(ids[:30], all_logits=True)]
+        for i in range(30, 40):
+            rows.append(m.forward([ids[i]], start_pos=i)[None])
+        out[kv] = np.concatenate(rows)
+    err = rel_err(out["f16"], out["f32"])
+    assert 0 < err < 2e-3, err
+
+
+def test_kv_dtype_defaults_and_choices(checkpoint):
+    folder, _, _ = checkpoint
+    assert qwen2rt.Model(folder, dtype="f32", max_context=8).info()["kv_dtype"] == "f32"
+    bf = qwen2rt.Model(folder, dtype="bf16", max_context=8).info()
+    assert bf["kv_dtype"] == "f16"
+    with pytest.raises(qwen2rt.InvalidInputError, match="kv_dtype"):
+        qwen2rt.Model(folder, kv_dtype="q8", max_context=8)
 
 
 def test_long_prompt_in_chunks(checkpoint):

@@ -48,7 +48,8 @@ def test_decode_equals_prefill(ckpt, dtype):
     m = qwen2rt.Model(folder, dtype=dtype)
     full = m.forward(ids, all_logits=True)
     m.reset()
-    rows = [m.forward(ids[:10], all_logits=True)] + [m.forward([t], start_pos=i)[None] for i, t in enumerate(ids) if i >= 10]
+    rows = [m.forward(ids[:10], all_logits=True)]
+    rows += [m.forward([t], start_pos=i)[None] for i, t in enumerate(ids) if i >= 10]
     np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 

@@ -14,6 +14,7 @@ from .errors import (
     ContextLengthError,
     FormatError,
     InvalidInputError,
+    ModelBusyError,
     ModelNotFoundError,
     OutOfMemoryError,
     Qwen2rtError,
@@ -35,6 +36,7 @@ __all__ = [
     "ModelNotFoundError",
     "UnsupportedModelError",
     "InvalidInputError",
+    "ModelBusyError",
     "ContextLengthError",
     "OutOfMemoryError",
 ]

@@ -14,14 +14,92 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .config import Qwen2Config, read_json
+from .config import Qwen2Config, read_json, short_repr
 from .converted import ConvertedWeights, is_converted
-from .errors import FormatError, ModelNotFoundError, UnsupportedModelError
+from .errors import FormatError, InvalidInputError, ModelNotFoundError, UnsupportedModelError
 from .safetensors_io import DTYPES, SafetensorsFile
 from .tokenizer import Tokenizer
 
 # Tensors some checkpoints carry that the model recomputes itself.
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d{1,9})\.(.+)")  # more digits: not a layer (and int() would refuse them)
+
+
+def check_tensors(cfg: Qwen2Config, shapes: dict[str, tuple[int, ...]], path: str) -> None:
+    """Every tensor the config implies is present, with the shape it implies (Hugging Face names,
+    logical shapes). Checked before the model allocates what the config's sizes ask for, so that a
+    config that disagrees with its weights costs nothing; the C++ checks the same again."""
+    H, FF, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    QD, KVD = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    top = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        top["lm_head.weight"] = (V, H)
+    layer = {
+        "input_layernorm.weight": (H,),
+        "self_attn.q_proj.weight": (QD, H),
+        "self_attn.q_proj.bias": (QD,),
+        "self_attn.k_proj.weight": (KVD, H),
+        "self_attn.k_proj.bias": (KVD,),
+        "self_attn.v_proj.weight": (KVD, H),
+        "self_attn.v_proj.bias": (KVD,),
+        "self_attn.o_proj.weight": (H, QD),
+        "post_attention_layernorm.weight": (H,),
+        "mlp.gate_proj.weight": (FF, H),
+        "mlp.up_proj.weight": (FF, H),
+        "mlp.down_proj.weight": (H, FF),
+    }
+    for name, shape in shapes.items():
+        want = top.get(name)
+        m = _LAYER_NAME.fullmatch(name)
+        if want is None and m:
+            if int(m.group(1)) >= cfg.num_hidden_layers:
+                raise FormatError(f"{path}: tensor {name!r} is past the config's {cfg.num_hidden_layers} layers")
+            want = layer.get(m.group(2))
+        if want is not None and tuple(shape) != want:
+            raise FormatError(f"{path}: tensor {name!r} has shape {list(shape)}, the config implies {list(want)}")
+    missing = [n for n in top if n not in shapes]
+    missing += [
+        n for i in range(cfg.num_hidden_layers) for n in (f"model.layers.{i}.{r}" for r in layer) if n not in shapes
+    ]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FormatError(f"{path}: weights missing: {', '.join(missing[:3])}{more}")
+
+
+# generation_config.json keys that qwen2rt reads, and the JSON types they may have (null: not set)
+_GENERATION_TYPES = {
+    "do_sample": (bool,),
+    "temperature": (int, float),
+    "top_k": (int,),
+    "top_p": (int, float),
+    "min_p": (int, float),
+    "repetition_penalty": (int, float),
+}
+
+
+def check_generation_config(gc: Any, path: str) -> dict[str, Any]:
+    """The sampling defaults and eos ids, checked at load: a bad value is the file's fault, not the caller's."""
+    from .generation import SamplingSettings
+
+    if not isinstance(gc, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    for key, types in _GENERATION_TYPES.items():
+        v = gc.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise FormatError(f"{path}: {key} must be {' or '.join(t.__name__ for t in types)}, got {short_repr(v)}")
+    if isinstance(gc.get("top_k"), int) and gc["top_k"] >= 2**31:
+        raise FormatError(f"{path}: top_k {gc['top_k']} is too large")
+    eos = gc.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids):
+        raise FormatError(f"{path}: eos_token_id must be a token id or a list of them, got {short_repr(eos)}")
+    try:  # the ranges, as generate() will check them (do_sample on, so that every value is read)
+        SamplingSettings.resolve({**gc, "do_sample": True})
+    except (InvalidInputError, OverflowError) as e:
+        raise FormatError(f"{path}: {e}") from None
+    return gc
 
 
 class HFCheckpoint:
@@ -35,9 +113,7 @@ class HFCheckpoint:
         self.generation_config: dict[str, Any] = {}
         if os.path.exists(gen_path):
             gc = read_json(gen_path)
-            if not isinstance(gc, dict):
-                raise FormatError(f"{gen_path}: expected a JSON object")
-            self.generation_config = gc
+            self.generation_config = check_generation_config(gc, gen_path)
         self.files = self._weight_files()
         # Parsing tokenizer.json takes longer than mapping the weights: Model does it on first use.
         if not os.path.exists(os.path.join(folder, "tokenizer.json")):
@@ -48,6 +124,10 @@ class HFCheckpoint:
         first = next(iter(self.files.values()), None)
         if first is not None and is_converted(first.metadata):
             self.converted = ConvertedWeights(first)
+            check_tensors(self.config, self.converted.shapes, first.path)
+        else:
+            shapes = {name: f.tensors[name].shape for name, f in self.files.items()}
+            check_tensors(self.config, shapes, self.path)
 
     def _weight_files(self) -> dict[str, SafetensorsFile]:
         """tensor name -> the file holding it."""
@@ -61,8 +141,15 @@ class HFCheckpoint:
             shards: dict[str, SafetensorsFile] = {}
             where: dict[str, SafetensorsFile] = {}
             for name, fname in weight_map.items():
-                if not isinstance(fname, str) or os.path.basename(fname) != fname or fname in ("", ".", ".."):
-                    raise FormatError(f"{index}: shard name {fname!r} for {name!r} is not a file name in the folder")
+                if (
+                    not isinstance(fname, str)
+                    or os.path.basename(fname) != fname
+                    or fname in ("", ".", "..")
+                    or "\0" in fname
+                ):
+                    raise FormatError(
+                        f"{index}: shard name {short_repr(fname)} for {name!r} is not a file name in the folder"
+                    )
                 if fname not in shards:
                     shards[fname] = SafetensorsFile(os.path.join(self.path, fname))
                 if name not in shards[fname].tensors:
@@ -113,7 +200,7 @@ _GGUF_LAYER = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+_GGUF_BLOCK = re.compile(r"blk\.(\d{1,9})\.(.+)")
 
 # Tokens that end a turn besides the file's eos id, as Qwen2 instruct models' generation_config lists.
 _END_OF_TURN = ("<|endoftext|>", "<|im_end|>")
@@ -143,11 +230,15 @@ class GGUFCheckpoint:
         md = self.file.metadata
         self.config = self._config(md)
         self.load_tokenizer = lambda: tokenizer_from_gguf(md, source=path)  # on first use
-        eos = [md["tokenizer.ggml.eos_token_id"]] if isinstance(md.get("tokenizer.ggml.eos_token_id"), int) else []
+        # an eos id outside the vocabulary is reported by the tokenizer (gguf_tokenizer.py), which names the key
+        eos = md.get("tokenizer.ggml.eos_token_id")
+        eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) and 0 <= eos < 2**31 else []
         tokens = md.get("tokenizer.ggml.tokens")
         if isinstance(tokens, list):
             eos += [i for i, t in enumerate(tokens) if t in _END_OF_TURN]
-        self.generation_config: dict[str, Any] = {"eos_token_id": sorted(set(eos)), **self._sampling(md)}
+        self.generation_config: dict[str, Any] = check_generation_config(
+            {"eos_token_id": sorted(set(eos)), **self._sampling(md)}, path
+        )
         names = {}
         for name in self.file.tensors:
             hf = gguf_to_hf_name(name)
@@ -155,6 +246,7 @@ class GGUFCheckpoint:
                 raise UnsupportedModelError(f"{path}: unexpected tensor {name!r} for a qwen2 model")
             names[hf] = name
         self.names = names
+        check_tensors(self.config, {hf: self.file.tensors[name].numpy_shape for hf, name in names.items()}, path)
 
     @staticmethod
     def _sampling(md: dict[str, Any]) -> dict[str, Any]:
@@ -178,10 +270,12 @@ class GGUFCheckpoint:
         if embd is None or len(embd.shape) != 2:
             raise FormatError(f"{self.path}: no 2-D token_embd.weight tensor")
 
-        def get(key: str, default: Any = None) -> Any:
+        def get(key: str, default: Any = None, integer: bool = True) -> Any:
             v = md.get(f"qwen2.{key}", default)
             if v is None:
                 raise FormatError(f"{self.path}: metadata qwen2.{key} is missing")
+            if integer and (isinstance(v, bool) or not isinstance(v, int)):
+                raise FormatError(f"{self.path}: metadata qwen2.{key} must be an integer, got {short_repr(v)}")
             return v
 
         heads = get("attention.head_count")
@@ -194,8 +288,8 @@ class GGUFCheckpoint:
             "num_hidden_layers": get("block_count"),
             "num_attention_heads": heads,
             "num_key_value_heads": get("attention.head_count_kv", heads),
-            "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
-            "rope_theta": get("rope.freq_base", 10000.0),
+            "rms_norm_eps": get("attention.layer_norm_rms_epsilon", integer=False),
+            "rope_theta": get("rope.freq_base", 10000.0, integer=False),
             "max_position_embeddings": get("context_length"),
             "tie_word_embeddings": "output.weight" not in self.file.tensors,
         }
@@ -205,7 +299,9 @@ class GGUFCheckpoint:
         cfg = Qwen2Config.from_dict(d, source=self.path)
         rope_dims = md.get("qwen2.rope.dimension_count")
         if rope_dims is not None and rope_dims != cfg.head_dim:
-            raise UnsupportedModelError(f"{self.path}: partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
+            raise UnsupportedModelError(
+                f"{self.path}: partial RoPE ({short_repr(rope_dims)} of {cfg.head_dim} dims) is not supported"
+            )
         return cfg
 
     def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
@@ -221,6 +317,8 @@ def open_checkpoint(path: str) -> HFCheckpoint | GGUFCheckpoint:
         raise ModelNotFoundError(f"{path}: no such file or folder")
     if os.path.isdir(path):
         return HFCheckpoint(path)
+    if not os.path.isfile(path):  # a pipe or a device would block the read below, or never end
+        raise UnsupportedModelError(f"{path}: not a regular file or a folder")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)

@@ -1,4 +1,4 @@
-"""The qwen2rt command line: run, chat, generate, pull, info, perplexity."""
+"""The qwen2rt command line: run, chat, generate, serve, pull, info, perplexity."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None
     else:
         from .registry import DEFAULT_MODEL
 
-        p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"model folder, GGUF file or name (default {DEFAULT_MODEL})")
+        p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                       help=f"model folder, GGUF file or name (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32", "q8", "q4"],
                    help="weight type in memory (default: bf16, or a converted model's own)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: the cores available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's)")
+    p.add_argument("--kv-dtype", default=None, choices=["f16", "f32"],
+                   help="KV cache element type (default: f16, f32 for f32 weights)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,7 +58,7 @@ def _load(a: argparse.Namespace):
 
     if not os.path.exists(a.model):
         registry.resolve(a.model)  # pull a registry model first, with a progress bar
-    return Model(a.model, dtype=a.dtype, threads=a.threads, max_context=a.max_context)
+    return Model(a.model, dtype=a.dtype, threads=a.threads, max_context=a.max_context, kv_dtype=a.kv_dtype)
 
 
 def _stream(model, prompt, a: argparse.Namespace) -> int:
@@ -137,6 +140,16 @@ def cmd_chat(a: argparse.Namespace) -> int:
             stream.close()  # stop this answer, keep the conversation
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    from .server import serve
+
+    model = _load(a)
+    name = a.model_name or os.path.basename(os.path.normpath(a.model))
+    return serve(model, host=a.host, port=a.port, model_name=name, verbose=a.verbose, max_batch=a.max_batch)
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
@@ -226,12 +239,18 @@ def cmd_info(a: argparse.Namespace) -> int:
         cfg = GGUFCheckpoint(path).config
     ctx = a.max_context or cfg.max_position_embeddings
     weights = cfg.weight_count()
+    from .model import BITS_PER_WEIGHT, KV_DTYPES
+
     rows = {
         "model": a.model,
         "config": cfg.core_dict(),
         "parameters": weights,
-        "weights_bytes": {"f32": weights * 4, "bf16": weights * 2},
-        "kv_cache_bytes": {"max_context": ctx, "bytes": cfg.kv_cache_bytes(ctx), "per_token": cfg.kv_cache_bytes(1)},
+        "weights_bytes": {d: int(weights * bits / 8) for d, bits in BITS_PER_WEIGHT.items()},
+        "kv_cache_bytes": {
+            "max_context": ctx,
+            **{d: {"bytes": cfg.kv_cache_bytes(ctx, n), "per_token": cfg.kv_cache_bytes(1, n)}
+               for d, n in KV_DTYPES.items()},
+        },
         "system": system_info(),
     }
     if a.json:
@@ -241,11 +260,13 @@ def cmd_info(a: argparse.Namespace) -> int:
     for k, v in cfg.core_dict().items():
         print(f"  {k:<24} {v}")
     print(f"parameters   {weights / 1e6:.1f} M")
-    print(f"weights      {_human(weights * 2)} as bf16, {_human(weights * 4)} as f32")
-    print(
-        f"KV cache     {_human(cfg.kv_cache_bytes(ctx))} for {ctx} positions "
-        f"({_human(cfg.kv_cache_bytes(1))} per token, f32)"
-    )
+    print("weights      " + ", ".join(f"{_human(n)} as {d}" for d, n in rows["weights_bytes"].items()))
+    for d, n in KV_DTYPES.items():
+        print(
+            f"KV cache     {_human(cfg.kv_cache_bytes(ctx, n))} for {ctx} positions as {d} "
+            f"({_human(cfg.kv_cache_bytes(1, n))} per token, per sequence)"
+        )
+    print("             (f16 is the default cache for bf16/q8/q4 weights, f32 for f32 weights)")
     s = rows["system"]
     print(f"system       isa={s['isa']} (available: {', '.join(s['available_isas'])}), threads={s['threads']}")
     return 0
@@ -268,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--system", default=None, help="system message")
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000, help="0 for any free port (default 8000)")
+    sv.add_argument("--model-name", default=None, help="the model's id in the API (default: the file or folder name)")
+    sv.add_argument("--max-batch", type=int, default=4, metavar="N",
+                    help="requests decoded together, each with its own KV cache of --max-context (default 4)")
+    sv.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
+    sv.set_defaults(func=cmd_serve)
 
     pl = sub.add_parser("pull", help="download a registry model into the cache (checked by sha256)")
     pl.add_argument("names", nargs="*", help="model names (default: the default model)")

@@ -10,6 +10,25 @@ from typing import Any
 from .errors import FormatError, ModelNotFoundError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
+# The largest sizes the C++ core takes (Qwen2Model's constructor checks the same): a config beyond
+# them is refused here, naming the file, before the model allocates anything for it.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 1 << 20,
+    "num_key_value_heads": 1 << 20,
+    "head_dim": 1024,
+    "max_position_embeddings": 1 << 24,
+}
+F32_MAX = 3.4028234663852886e38
+
+
+def short_repr(value: Any) -> str:
+    """repr(value), cut short: a hostile config can hold a megabyte where a number belongs."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -43,7 +62,8 @@ class Qwen2Config:
         embed = self.vocab_size * h
         return L * per_layer + embed + h + (0 if self.tie_word_embeddings else embed)
 
-    def kv_cache_bytes(self, max_context: int, bytes_per_value: int = 4) -> int:
+    def kv_cache_bytes(self, max_context: int, bytes_per_value: int = 2) -> int:
+        """Bytes of keys and values for max_context positions (f16 by default: 2 bytes a value)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * max_context * bytes_per_value
 
     @classmethod
@@ -64,12 +84,22 @@ class Qwen2Config:
             if v is None:
                 raise FormatError(f"{source}: missing {key!r}")
             if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise FormatError(f"{source}: {key!r} must be an integer >= {minimum}, got {v!r}")
+                raise FormatError(f"{source}: {key!r} must be an integer >= {minimum}, got {short_repr(v)}")
+            if v > SIZE_LIMITS[key]:
+                raise UnsupportedModelError(
+                    f"{source}: {key!r} is {v}, more than qwen2rt supports ({SIZE_LIMITS[key]})"
+                )
             return v
 
-        def number(key: str, value: Any) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or value == float("inf"):
-                raise FormatError(f"{source}: {key!r} must be a positive number, got {value!r}")
+        def number(key: str, value: Any, largest: float = float("inf")) -> float:
+            # ints too large for a float (JSON allows 1e999 as an integer literal) are refused, not converted
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value < largest
+                or (isinstance(value, int) and value > 2**1000)
+            ):
+                raise FormatError(f"{source}: {key!r} must be a positive number, got {short_repr(value)}")
             return float(value)
 
         hidden = integer("hidden_size")
@@ -87,6 +117,10 @@ class Qwen2Config:
             )
         if head_dim % 2:
             raise UnsupportedModelError(f"{source}: head_dim {head_dim} is odd; RoPE needs an even head_dim")
+        if heads * head_dim > 1 << 20:
+            raise UnsupportedModelError(
+                f"{source}: num_attention_heads {heads} x head_dim {head_dim} is more than qwen2rt supports ({1 << 20})"
+            )
 
         act = d.get("hidden_act", "silu")
         if act != "silu":
@@ -95,7 +129,9 @@ class Qwen2Config:
         # Sliding-window attention: Qwen2 configs carry sliding_window but switch it off with
         # use_sliding_window=false; transformers 5 also lists each layer's type.
         if d.get("use_sliding_window"):
-            raise UnsupportedModelError(f"{source}: use_sliding_window=true (sliding-window attention) is not supported")
+            raise UnsupportedModelError(
+                f"{source}: use_sliding_window=true (sliding-window attention) is not supported"
+            )
         layer_types = d.get("layer_types")
         if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
             raise UnsupportedModelError(
@@ -119,7 +155,9 @@ class Qwen2Config:
             if params.get("rope_theta") is not None:
                 theta = params["rope_theta"]
         theta = number("rope_theta", 10000.0 if theta is None else theta)
-        eps = number("rms_norm_eps", d.get("rms_norm_eps", 1e-6))
+        eps = number("rms_norm_eps", d.get("rms_norm_eps", 1e-6), F32_MAX)  # the C++ holds it as a float32
+        if eps < 1e-44:
+            raise FormatError(f"{source}: 'rms_norm_eps' {eps} is 0 as a float32")
 
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
@@ -158,8 +196,14 @@ def read_json(path: str | os.PathLike, max_bytes: int = 64 << 20) -> Any:
         raise ModelNotFoundError(f"{path}: not found") from e
     if size > max_bytes:
         raise FormatError(f"{path}: {size} bytes is too large for a JSON config (limit {max_bytes})")
+    if not os.path.isfile(path):  # a folder, or a pipe that would block the read
+        raise FormatError(f"{path}: cannot be read (not a regular file)")
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+            raw = f.read()
+    except OSError as e:  # a folder, or unreadable
+        raise FormatError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from e
+        raise FormatError(f"{path}: not valid JSON ({str(e)[:200]})") from e

@@ -23,11 +23,25 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .config import short_repr
 from .errors import FormatError, InvalidInputError, UnsupportedModelError
 
 FORMAT_NAME = "qwen2rt"
 FORMAT_VERSION = 1
 ALIGN = 64  # the data section starts on a 64-byte boundary
+
+
+MATRIX_DTYPES = ("bf16", "f32", "q8", "q4")  # model.WEIGHT_DTYPES
+
+
+def packed_bytes(dtype: str, shape: list[int]) -> int:
+    """Bytes of a tensor in the C++ layout (csrc/quant.h): q8/q4 matrices in groups of 16 rows by
+    blocks of 32 columns, 32 bytes of f16 scales then 512 (q8) or 256 (q4) bytes of values a block."""
+    if dtype in ("q8", "q4"):
+        rows, cols = shape
+        return -(-rows // 16) * -(-cols // 32) * (32 + (512 if dtype == "q8" else 256))
+    count = shape[0] * (shape[1] if len(shape) == 2 else 1)
+    return count * (2 if dtype == "bf16" else 4)
 
 
 def is_converted(metadata: dict[str, str]) -> bool:
@@ -43,7 +57,9 @@ class ConvertedWeights:
         try:
             version = int(md.get("qwen2rt_format_version", ""))
         except ValueError:
-            raise FormatError(f"{path}: qwen2rt_format_version {md.get('qwen2rt_format_version')!r} is not a number") from None
+            raise FormatError(
+                f"{path}: qwen2rt_format_version {short_repr(md.get('qwen2rt_format_version'))} is not a number"
+            ) from None
         if version > FORMAT_VERSION:
             raise UnsupportedModelError(
                 f"{path}: qwen2rt format version {version} is newer than this qwen2rt reads ({FORMAT_VERSION}); "
@@ -54,20 +70,44 @@ class ConvertedWeights:
         try:
             self.dtypes: dict[str, str] = json.loads(md["qwen2rt_tensor_dtypes"])
             self.shapes: dict[str, list[int]] = json.loads(md["qwen2rt_shapes"])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise FormatError(f"{path}: qwen2rt metadata is incomplete ({e})") from None
+        except KeyError as e:
+            raise FormatError(f"{path}: qwen2rt metadata is incomplete (no {e})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise FormatError(f"{path}: qwen2rt metadata is not valid JSON ({e})") from None
+        if not isinstance(self.dtypes, dict) or not isinstance(self.shapes, dict):
+            raise FormatError(f"{path}: qwen2rt_tensor_dtypes and qwen2rt_shapes must be JSON objects")
         self.dtype = md.get("qwen2rt_dtype", "")
+        if self.dtype not in MATRIX_DTYPES:
+            raise FormatError(f"{path}: qwen2rt_dtype {self.dtype!r} is not one of {', '.join(MATRIX_DTYPES)}")
         self.file = st_file
-        for name in st_file.tensors:
+        for name, info in st_file.tensors.items():
             if name not in self.dtypes or name not in self.shapes:
                 raise FormatError(f"{path}: tensor {name!r} has no dtype or shape in the qwen2rt metadata")
+            dtype, shape = self.dtypes[name], self.shapes[name]
+            if dtype not in MATRIX_DTYPES:
+                raise FormatError(f"{path}: tensor {name!r} has qwen2rt dtype {short_repr(dtype)}")
+            if (
+                not isinstance(shape, list)
+                or not 1 <= len(shape) <= 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n < 2**31 for n in shape)
+                or (dtype != "f32" and len(shape) != 2)
+            ):
+                raise FormatError(f"{path}: tensor {name!r} has qwen2rt shape {short_repr(shape)}")
+            need = packed_bytes(dtype, shape)
+            if info.end - info.begin != need:
+                raise FormatError(
+                    f"{path}: tensor {name!r} holds {info.end - info.begin} bytes, its shape {shape} "
+                    f"as {dtype} needs {need}"
+                )
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
         for name, info in self.file.tensors.items():
             dtype = self.dtypes[name]
             expect = "U8" if dtype in ("q8", "q4", "bf16") else "F32"
             if info.dtype != expect:
-                raise FormatError(f"{self.file.path}: tensor {name!r} is {info.dtype}, its qwen2rt dtype {dtype} needs {expect}")
+                raise FormatError(
+                    f"{self.file.path}: tensor {name!r} is {info.dtype}, its qwen2rt dtype {dtype} needs {expect}"
+                )
             array = self.file.array(name)
             if dtype == "bf16":
                 array = array.view(np.uint16)
@@ -89,7 +129,8 @@ class _Progress:
             sys.stderr.write(f"\r{self.what} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
                              f"{time.perf_counter() - self.t0:5.1f} s")
         if done == self.total and self.enabled:
-            sys.stderr.write("\n" if self.tty else f"{self.what}: {self.total} tensors, {time.perf_counter() - self.t0:.1f} s\n")
+            summary = f"{self.what}: {self.total} tensors, {time.perf_counter() - self.t0:.1f} s\n"
+            sys.stderr.write("\n" if self.tty else summary)
         sys.stderr.flush()
 
 
@@ -118,7 +159,7 @@ def convert(
         raise InvalidInputError(f"{src} is already a converted qwen2rt model; convert from the original weights")
     threads = threads or default_threads()
     cfg = ckpt.config
-    core = _core.Qwen2Model(cfg.core_dict(), dtype, threads, 1)
+    core = _core.Qwen2Model(cfg.core_dict(), dtype, threads, 1, "f32")
     policy = matrix_dtype_policy(dtype, dtype_overrides, cfg.tie_word_embeddings)
 
     names = []

@@ -28,3 +28,7 @@ class ContextLengthError(InvalidInputError):
 
 class OutOfMemoryError(Qwen2rtError, MemoryError):
     """A model or KV cache that would not fit in the memory available."""
+
+
+class ModelBusyError(Qwen2rtError, RuntimeError):
+    """A Model used from a second thread while a call or an unfinished stream holds it."""

@@ -50,8 +50,8 @@ class SamplingSettings:
     def check(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
             raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidInputError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2**31:
+            raise InvalidInputError(f"top_k must be in 0..2**31-1, got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (0.0 <= self.min_p <= 1.0):

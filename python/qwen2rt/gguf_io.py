@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import short_repr
 from .errors import FormatError, ModelNotFoundError, UnsupportedModelError
 
 MAGIC = b"GGUF"
@@ -29,7 +30,9 @@ _SCALARS = {
     0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
     6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
 }
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY = {
+    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 
 # ggml tensor types: id -> (name, elements per block, bytes per block)
@@ -72,7 +75,9 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise FormatError(f"{self.path}: {what} at offset {self.pos} runs past the end of the file ({self.size} bytes)")
+            raise FormatError(
+                f"{self.path}: {what} at offset {self.pos} runs past the end of the file ({self.size} bytes)"
+            )
 
     def scalar(self, fmt: str, size: int, what: str):
         self.need(size, what)
@@ -139,7 +144,7 @@ class GGUFFile:
 
         align = self.metadata.get("general.alignment", 32)
         if isinstance(align, bool) or not isinstance(align, int) or align < 1 or align > 1 << 16 or align & (align - 1):
-            raise FormatError(f"{self.path}: general.alignment {align!r} is not a power of two")
+            raise FormatError(f"{self.path}: general.alignment {short_repr(align)} is not a power of two in 1..65536")
         self.alignment = align
 
         infos = []
@@ -173,7 +178,9 @@ class GGUFFile:
             if count > 1 << 40:
                 raise FormatError(f"{where}: {list(dims)} is {count} elements, too many")
             if dims[0] % block:
-                raise FormatError(f"{where}: row length {dims[0]} is not a multiple of the {type_name} block size {block}")
+                raise FormatError(
+                    f"{where}: row length {dims[0]} is not a multiple of the {type_name} block size {block}"
+                )
             nbytes = count // block * type_size
             if offset % align:
                 raise FormatError(f"{where}: offset {offset} is not aligned to {align}")
@@ -184,7 +191,7 @@ class GGUFFile:
                 )
             self.tensors[name] = GGUFTensor(name, type_name, type_id, tuple(dims), offset, nbytes)
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values())
-        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise FormatError(f"{self.path}: tensors {n0!r} and {n1!r} overlap")
 

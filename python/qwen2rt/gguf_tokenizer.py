@@ -246,7 +246,10 @@ def _build_backend(
             fuse_unk=False,
             byte_fallback=False,
         )
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - tokenizers raises a plain Exception, or panics (pyo3's
+        # PanicException, a BaseException) when a merge's result is not in the vocabulary
         raise _find_bad_merge(meta, merges, vocab) or meta.error(
             _KEY_MERGES, f"can't be used with {_KEY_TOKENS}: {e}"
         ) from e

@@ -15,6 +15,7 @@ from .errors import (
     ContextLengthError,
     FormatError,
     InvalidInputError,
+    ModelBusyError,
     OutOfMemoryError,
 )
 from .generation import Generation, IncrementalDetokenizer, SamplingSettings, StopStrings, TextStream
@@ -26,6 +27,8 @@ WEIGHT_DTYPES = ("bf16", "f32", "q8", "q4")
 Q4_KEEP_Q8 = ("lm_head", "v_proj")
 # Bits per weight of each matrix dtype (q8 / q4 include their f16 block scales; docs/formats.md).
 BITS_PER_WEIGHT = {"f32": 32.0, "bf16": 16.0, "q8": 8.5, "q4": 4.5}
+# KV cache element types and their bytes per value.
+KV_DTYPES = {"f16": 2, "f32": 4}
 
 
 def matrix_dtype_policy(dtype: str, overrides: dict[str, str] | None, tied: bool):
@@ -89,6 +92,7 @@ class Model:
         threads: int | None = None,
         max_context: int | None = None,
         dtype_overrides: dict[str, str] | None = None,
+        kv_dtype: str | None = None,
     ):
         path = os.fspath(path)
         if dtype is not None and dtype not in WEIGHT_DTYPES:
@@ -119,6 +123,11 @@ class Model:
             dtype = ckpt.converted.dtype
         dtype = dtype or "bf16"
         self.dtype = dtype
+        # An f16 cache halves what a long-context step reads; f32 models keep an f32 cache, so that
+        # they stay the exact reference for PyTorch's float32.
+        kv_dtype = kv_dtype or ("f32" if dtype == "f32" else "f16")
+        if kv_dtype not in KV_DTYPES:
+            raise InvalidInputError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
 
         threads = default_threads() if threads is None else threads
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -127,9 +136,9 @@ class Model:
             max_context = self.config.max_position_embeddings
         if isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= 1 << 24:
             raise InvalidInputError(f"max_context must be an integer in 1..16777216, got {max_context!r}")
-        self._check_memory(max_context)
+        self._check_memory(max_context, kv_dtype, threads)
 
-        self._core = _core.Qwen2Model(self.config.core_dict(), dtype, threads, max_context)
+        self._core = _core.Qwen2Model(self.config.core_dict(), dtype, threads, max_context, kv_dtype)
         policy = matrix_dtype_policy(dtype, dtype_overrides, self.config.tie_word_embeddings)
         for name, array, src, shape in ckpt.tensors(threads):
             target = src if ckpt.converted is not None and src != "f32" else policy(name)
@@ -143,6 +152,16 @@ class Model:
             raise FormatError(f"{path}: weights missing: {', '.join(missing[:3])}{more}")
         self._sampler = _core.Sampler()
         self._eos: frozenset[int] | None = None
+        # Held by a forward/reset call or by a whole generation (a stream holds it until it ends or
+        # is closed): the cache is one sequence, so a second thread is refused, never interleaved.
+        self._busy = threading.Lock()
+
+    def _claim(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise ModelBusyError(
+                "this Model is in use by another thread (or by an unfinished stream): use one Model per thread, "
+                "a lock of your own, or finish or close the stream first"
+            )
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -167,16 +186,29 @@ class Model:
         return self._eos
 
     # -- memory ---------------------------------------------------------------------------------
-    def _check_memory(self, max_context: int) -> None:
+    def _check_memory(self, max_context: int, kv_dtype: str, threads: int, sequences: int = 1) -> None:
         weights = int(self.config.weight_count() * BITS_PER_WEIGHT[self.dtype] / 8)
-        kv = self.config.kv_cache_bytes(max_context)
+        kv = sequences * self.config.kv_cache_bytes(max_context, KV_DTYPES[kv_dtype])
+        scratch = self._scratch_bytes(max_context, threads)
         avail = available_memory()
-        if avail is not None and weights + kv > avail:
+        if avail is not None and weights + kv + scratch > avail:
             raise OutOfMemoryError(
                 f"{self.path}: needs {weights / 2**30:.2f} GiB of weights ({self.dtype}) + {kv / 2**30:.2f} GiB of "
-                f"KV cache for max_context={max_context} = {(weights + kv)} bytes, but only {avail} bytes are "
-                f"available; pass a smaller max_context"
+                f"{kv_dtype} KV cache for {sequences} sequence(s) of max_context={max_context} + "
+                f"{scratch / 2**30:.2f} GiB of scratch = {weights + kv + scratch} bytes, but only {avail} bytes are "
+                f"available; pass a smaller max_context" + (" or fewer sequences" if sequences > 1 else "")
             )
+
+    def _scratch_bytes(self, max_context: int, threads: int) -> int:
+        """The C++ forward pass's buffers (qwen2.h Scratch): a chunk of activations, and per thread
+        the attention scores of one KV head's query heads over the whole context."""
+        c = self.config
+        chunk = 256
+        qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        widest = max(c.hidden_size, qd, c.intermediate_size)
+        rows = 3 * c.hidden_size + 2 * qd + 2 * kvd + 2 * c.intermediate_size + c.head_dim + 2 * widest
+        group = c.num_attention_heads // max(1, c.num_key_value_heads)
+        return 4 * (chunk * rows + threads * (group * max_context + 32 * c.head_dim))
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -206,13 +238,22 @@ class Model:
         return self._core.cache_len
 
     # -- running the network --------------------------------------------------------------------
-    def forward(self, input_ids: Sequence[int] | np.ndarray, start_pos: int = 0, all_logits: bool = False) -> np.ndarray:
+    def forward(
+        self, input_ids: Sequence[int] | np.ndarray, start_pos: int = 0, all_logits: bool = False
+    ) -> np.ndarray:
         """Runs tokens at positions start_pos.. (attending to every cached position before them).
 
         Returns float32 logits: the last token's [vocab], or [n, vocab] with all_logits=True.
         start_pos may be anything from 0 to the number of cached positions: rewinding it reuses
         the cached prefix and overwrites what follows.
         """
+        self._claim()
+        try:
+            return self._forward(input_ids, start_pos, all_logits)
+        finally:
+            self._busy.release()
+
+    def _forward(self, input_ids: Any, start_pos: int = 0, all_logits: bool = False) -> np.ndarray:
         ids = self._as_ids(input_ids)
         if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
             raise InvalidInputError(f"start_pos must be a non-negative integer, got {start_pos!r}")
@@ -231,7 +272,11 @@ class Model:
 
     def reset(self) -> None:
         """Forgets every cached position."""
-        self._core.reset()
+        self._claim()
+        try:
+            self._core.reset()
+        finally:
+            self._busy.release()
 
     def _as_ids(self, input_ids: Any) -> np.ndarray:
         if isinstance(input_ids, str):
@@ -276,7 +321,7 @@ class Model:
     # -- generation -----------------------------------------------------------------------------
     def generate(
         self,
-        prompt: str | Sequence[int] | list[dict],
+        prompt: str | Sequence[int] | list[dict] | list,
         max_new_tokens: int = 256,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -286,7 +331,8 @@ class Model:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
-    ) -> Generation | TextStream:
+        drop_oldest: bool = False,
+    ) -> Generation | TextStream | list[Generation]:
         """Generates a continuation of `prompt` (text, token ids, or chat messages).
 
         Sampling settings left as None come from generation_config.json (when it sets do_sample),
@@ -294,12 +340,66 @@ class Model:
         max_new_tokens, or when the context is full. Returns a Generation (a str with token_ids,
         finish_reason, prompt_tokens, completion_tokens), or with stream=True a TextStream of text
         pieces whose concatenation is that text.
+
+        A list of prompts (texts, token-id lists or chats) is generated as a batch: one decode step
+        runs every unfinished sequence at once, reading each weight once for all of them. It returns
+        a list of Generations, each what that prompt would give alone (with the same seed).
+
+        A prompt longer than max_context raises ContextLengthError, unless drop_oldest=True: then
+        its oldest tokens are dropped so that max_new_tokens fit after it (keeping at least half of
+        the context for the prompt).
         """
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, drop_oldest=drop_oldest)
+        if _is_batch(prompt):
+            if stream:
+                raise InvalidInputError("stream=True takes one prompt, not a list of prompts")
+            batch = BatchGenerator(self, max_batch=len(prompt))
+            try:
+                for p in prompt:
+                    batch.add(p, max_new_tokens, **sampling)
+                results: dict[int, Generation] = {}
+                while batch.active:
+                    for handle, _, done in batch.step():
+                        if done is not None:
+                            results[handle] = done
+            finally:
+                batch.close()
+            return [results[i] for i in range(len(prompt))]
+        seq = self._start(prompt, max_new_tokens, **sampling)
+        pieces = self._generate(seq)
+        if stream:
+            return TextStream(pieces)
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as end:
+                return end.value
+
+    def chat(self, system: str | None = None) -> "Chat":
+        """A conversation that keeps its history; each turn reuses the cached tokens of the ones
+        before it, so it prefills only the new message.
+
+        >>> c = model.chat(system="You are terse.")
+        >>> c.say("Name a prime.")  # -> Generation
+        >>> c.say("And the next one?")
+        """
+        return Chat(self, system)
+
+    def _start(self, prompt: Any, max_new_tokens: int, temperature=None, top_k=None, top_p=None, min_p=None,
+               repetition_penalty=None, seed=None, stop=None, drop_oldest=False) -> "_Sequence":
+        """Checks a request and makes its sequence state (nothing runs yet)."""
         ids = self._prompt_ids(prompt)
-        if len(ids) > self.max_context:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens, more than max_context={self.max_context}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InvalidInputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if drop_oldest:
+            keep = max(self.max_context - max_new_tokens, (self.max_context + 1) // 2)
+            ids = ids[-keep:]
+        if len(ids) > self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens, more than max_context={self.max_context} "
+                f"(pass drop_oldest=True to keep only its last tokens)"
+            )
         settings = SamplingSettings.resolve(
             self.generation_config,
             temperature=temperature,
@@ -311,70 +411,31 @@ class Model:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) for s in stops):
             raise InvalidInputError("stop must be a string or a list of strings")
-        rng = np.random.default_rng(seed)
-        pieces = self._generate(ids, max_new_tokens, settings, rng, stops)
-        if stream:
-            return TextStream(pieces)
-        while True:
-            try:
-                next(pieces)
-            except StopIteration as end:
-                return end.value
+        return _Sequence(self, ids, max_new_tokens, settings, np.random.default_rng(seed), stops)
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        """Logits after the prompt, reusing the longest cached prefix of it."""
-        cached = self._core.cached_tokens
-        n = min(len(cached), len(ids))
-        differs = np.flatnonzero(cached[:n] != np.asarray(ids[:n], dtype=np.int32))
-        common = int(differs[0]) if differs.size else n
-        common = min(common, len(ids) - 1)  # the last prompt token always runs: its logits are needed
-        return self.forward(ids[common:], start_pos=common)
+    def _prefill(self, ids: list[int], seq: int = 0) -> np.ndarray:
+        """Logits after the prompt, reusing the longest cached prefix of it in sequence slot `seq`
+        (the caller holds _busy)."""
+        common = min(_common_prefix(self._core.seq_tokens(seq), ids), len(ids) - 1)  # the last token always runs
+        return self._core.forward(np.asarray(ids[common:], dtype=np.int32), common, False, seq)
 
-    def _generate(
-        self, prompt: list[int], max_new: int, s: SamplingSettings, rng: np.random.Generator, stops: list[str]
-    ) -> Iterator[str]:
-        detok = IncrementalDetokenizer(self.tokenizer.decode)
-        stopper = StopStrings(stops)
-        history = np.zeros(len(prompt) + max_new, dtype=np.int32)  # prompt + generated, for the penalty
-        history[: len(prompt)] = prompt
-        n_hist = len(prompt)
-        out: list[int] = []
-        text: list[str] = []
-        finish = "length"
-        hit_stop_string = False
-
-        if max_new > 0:
-            logits = self._prefill(prompt)
+    def _generate(self, seq: "_Sequence") -> Iterator[str]:
+        """One sequence in slot 0. It holds _busy from its first step (a stream: from its first
+        piece) until it ends or is closed."""
+        self._claim()
+        try:
+            if seq.done:
+                return seq.result()
+            logits = self._prefill(seq.prompt)
             while True:
-                token = self._sampler.sample(
-                    logits, s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
-                    history[:n_hist], float(rng.random()),
-                )
-                if token in self.eos_token_ids:
-                    finish = "stop"
-                    break
-                out.append(token)
-                history[n_hist] = token
-                n_hist += 1
-                shown, hit_stop_string = stopper.feed(detok.add(token))
+                shown = seq.step(logits, room=self.max_context - self.cache_len)
                 if shown:
-                    text.append(shown)
                     yield shown
-                if hit_stop_string:
-                    finish = "stop"
-                    break
-                if len(out) >= max_new or self.cache_len >= self.max_context:
-                    break
-                logits = self.forward([token], start_pos=self.cache_len)
-        if not hit_stop_string:
-            # the rest: an incomplete character at the end, or text held back as a possible stop string
-            shown, hit_stop_string = stopper.feed(detok.flush(), final=True)
-            if hit_stop_string:
-                finish = "stop"
-            if shown:
-                text.append(shown)
-                yield shown
-        return Generation("".join(text), out, finish, len(prompt))
+                if seq.done:
+                    return seq.result()
+                logits = self._forward([seq.last_token], start_pos=self.cache_len)
+        finally:
+            self._busy.release()
 
     # -- description ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -386,6 +447,7 @@ class Model:
             "isa": _core.active_isa(),
             "weight_bytes": self._core.weight_bytes,
             "kv_cache_bytes": self._core.kv_cache_bytes,
+            "kv_dtype": self._core.kv_dtype,
             "config": self.config.core_dict(),
         }
 
@@ -396,3 +458,211 @@ class Model:
             f"heads={c.num_attention_heads}/{c.num_key_value_heads}, threads={self.threads}, "
             f"max_context={self.max_context})"
         )
+
+
+def _is_batch(prompt: Any) -> bool:
+    """A list of prompts, as opposed to one prompt (a text, token ids, or a chat of dicts)."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
+        isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt
+    )
+
+
+def _common_prefix(cached: np.ndarray, ids: Sequence[int]) -> int:
+    n = min(len(cached), len(ids))
+    differs = np.flatnonzero(cached[:n] != np.asarray(ids[:n], dtype=np.int32))
+    return int(differs[0]) if differs.size else n
+
+
+class _Sequence:
+    """One sequence being generated: sampling, eos, stop strings and the text shown so far."""
+
+    def __init__(self, model: Model, prompt: list[int], max_new: int, s: SamplingSettings, rng: np.random.Generator,
+                 stops: list[str]):
+        self.prompt = prompt
+        self.max_new = max_new
+        self.settings = s
+        self.rng = rng
+        self._sampler = model._sampler
+        self._eos = model.eos_token_ids
+        self._detok = IncrementalDetokenizer(model.tokenizer.decode)
+        self._stopper = StopStrings(stops)
+        self._history = np.zeros(len(prompt) + max_new, dtype=np.int32)  # prompt + generated, for the penalty
+        self._history[: len(prompt)] = prompt
+        self._n_hist = len(prompt)
+        self.tokens: list[int] = []
+        self._text: list[str] = []
+        self.finish = "length"
+        self.done = max_new == 0
+        self._hit_stop = False
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
+
+    def step(self, logits: np.ndarray, room: int) -> str:
+        """Samples the next token from `logits`; returns the text that may be shown now. `room` is
+        how many positions the sequence's cache has left."""
+        s = self.settings
+        token = self._sampler.sample(
+            logits, s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty,
+            self._history[: self._n_hist], float(self.rng.random()),
+        )
+        if token in self._eos:
+            self.finish = "stop"
+            return self._end()
+        self.tokens.append(token)
+        self._history[self._n_hist] = token
+        self._n_hist += 1
+        shown, self._hit_stop = self._stopper.feed(self._detok.add(token))
+        self._text.append(shown)
+        if self._hit_stop:
+            self.finish = "stop"
+            self.done = True
+        elif len(self.tokens) >= self.max_new or room <= 0:
+            shown += self._end()
+        return shown
+
+    def _end(self) -> str:
+        """The rest: an incomplete character at the end, or text held back as a possible stop string."""
+        self.done = True
+        shown, self._hit_stop = self._stopper.feed(self._detok.flush(), final=True)
+        if self._hit_stop:
+            self.finish = "stop"
+        self._text.append(shown)
+        return shown
+
+    def cancel(self) -> None:
+        self.done = True
+        self.finish = "cancelled"
+
+    def result(self) -> Generation:
+        return Generation("".join(self._text), self.tokens, self.finish, len(self.prompt))
+
+
+class Chat:
+    """A multi-turn conversation over one Model (see Model.chat)."""
+
+    def __init__(self, model: Model, system: str | None = None):
+        self.model = model
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def say(self, content: str, stream: bool = False, **kwargs: Any) -> Generation | TextStream:
+        """Adds a user message and generates the reply (generate()'s keyword arguments apply); the
+        reply joins the history once it is complete (a stream: once it has been read to the end)."""
+        if not isinstance(content, str):
+            raise InvalidInputError("a chat message must be a str")
+        messages = self.messages + [{"role": "user", "content": content}]
+        out = self.model.generate(messages, stream=stream, **kwargs)
+
+        def keep(reply: Generation) -> None:
+            self.messages = messages + [{"role": "assistant", "content": str(reply)}]
+
+        if not stream:
+            keep(out)
+            return out
+        return TextStream(_then(out, keep))
+
+
+def _then(stream: TextStream, done: Any) -> Iterator[str]:
+    """The pieces of `stream`, then done(its Generation)."""
+    yield from stream
+    done(stream.result)
+    return stream.result
+
+
+class BatchGenerator:
+    """Continuous batching over one Model: sequences join (add) and leave (when done, or cancel)
+    between decode steps, and each step decodes every active sequence at once.
+
+    >>> b = BatchGenerator(model, max_batch=4)
+    >>> h = b.add("def f(x):", max_new_tokens=32)
+    >>> while b.active:
+    ...     for handle, piece, finished in b.step(): ...
+
+    Each sequence owns a KV cache slot; a new one takes the free slot whose cached tokens share the
+    longest prefix with its prompt, so a follow-up request (the next turn of a chat) prefills only
+    what is new. It holds the Model (other calls get ModelBusyError) until close().
+    """
+
+    def __init__(self, model: Model, max_batch: int):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 256:
+            raise InvalidInputError(f"max_batch must be an integer in 1..256, got {max_batch!r}")
+        model._claim()
+        try:
+            if model._core.sequences < max_batch:
+                model._check_memory(model.max_context, model._core.kv_dtype, model.threads, sequences=max_batch)
+                model._core.set_sequences(max_batch)
+        except BaseException:
+            model._busy.release()
+            raise
+        self.model = model
+        self.max_batch = max_batch
+        self._seqs: dict[int, _Sequence] = {}  # slot -> active sequence
+        self._handles: dict[int, int] = {}  # slot -> handle
+        self._logits: dict[int, np.ndarray] = {}  # slot -> logits for its next token
+        self._next_handle = 0
+        self._closed = False
+
+    @property
+    def active(self) -> int:
+        return len(self._seqs)
+
+    def add(self, prompt: Any, max_new_tokens: int = 256, **sampling: Any) -> int:
+        """Prefills a new sequence (same arguments as Model.generate); returns its handle."""
+        if self._closed:
+            raise InvalidInputError("this BatchGenerator is closed")
+        free = [i for i in range(self.max_batch) if i not in self._seqs]
+        if not free:
+            raise InvalidInputError(f"the batch is full ({self.max_batch} sequences)")
+        seq = self.model._start(prompt, max_new_tokens, **sampling)
+        slot = max(free, key=lambda i: _common_prefix(self.model._core.seq_tokens(i), seq.prompt))
+        if not seq.done:  # before the slot is taken: a prefill that raises leaves the batch as it was
+            self._logits[slot] = self.model._prefill(seq.prompt, slot)
+        handle = self._next_handle
+        self._next_handle += 1
+        self._handles[slot] = handle
+        self._seqs[slot] = seq
+        return handle
+
+    def cancel(self, handle: int) -> None:
+        """Drops a sequence (a client went away); its slot is free at once."""
+        for slot, h in list(self._handles.items()):
+            if h == handle and slot in self._seqs:
+                self._seqs.pop(slot).cancel()
+                self._logits.pop(slot, None)
+
+    def step(self) -> list[tuple[int, str, Generation | None]]:
+        """Samples one token for every active sequence and runs them through the model together.
+        Returns (handle, text piece, Generation when that sequence has just finished else None)."""
+        events = []
+        running = []
+        core = self.model._core
+        for slot, seq in list(self._seqs.items()):
+            room = self.model.max_context - core.seq_len(slot)
+            piece = "" if seq.done else seq.step(self._logits.pop(slot), room=room)
+            if seq.done:
+                events.append((self._handles[slot], piece, seq.result()))
+                del self._seqs[slot]
+            else:
+                events.append((self._handles[slot], piece, None))
+                running.append(slot)
+        if running:
+            tokens = np.array([self._seqs[s].last_token for s in running], dtype=np.int32)
+            logits = core.decode_batch(tokens, np.array(running, dtype=np.int32))
+            for row, slot in enumerate(running):
+                self._logits[slot] = logits[row]
+        return events
+
+    def close(self) -> None:
+        """Ends every sequence and frees the Model."""
+        if not self._closed:
+            self._closed = True
+            self._seqs.clear()
+            self._logits.clear()
+            self.model._busy.release()
+
+    def __enter__(self) -> "BatchGenerator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import short_repr
 from .errors import FormatError, ModelNotFoundError
 
 MAX_HEADER_BYTES = 100 << 20
@@ -56,6 +57,8 @@ class SafetensorsFile:
             size = os.path.getsize(self.path)
         except OSError as e:
             raise ModelNotFoundError(f"{self.path}: not found") from e
+        if not os.path.isfile(self.path):
+            raise FormatError(f"{self.path}: not a file")
         if size < 8:
             raise FormatError(f"{self.path}: {size} bytes is too short for a safetensors file")
         with open(self.path, "rb") as f:
@@ -104,10 +107,10 @@ class SafetensorsFile:
         if not isinstance(info, dict):
             raise FormatError(f"{where}: entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
-            raise FormatError(f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise FormatError(f"{where}: unknown dtype {short_repr(dtype)}")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise FormatError(f"{where}: shape {short_repr(shape)} is not a list of non-negative integers")
         if len(shape) > 8:
             raise FormatError(f"{where}: {len(shape)} dimensions")
         if (
@@ -116,7 +119,9 @@ class SafetensorsFile:
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise FormatError(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+            raise FormatError(
+                f"{where}: data_offsets {short_repr(offsets)} are not [begin, end] with 0 <= begin <= end"
+            )
         nbytes = math.prod(shape) * DTYPES[dtype][0].itemsize
         if offsets[1] - offsets[0] != nbytes:
             raise FormatError(

@@ -358,7 +358,10 @@ class Tokenizer:
             for key, value in _read_json_object(map_path).items():
                 if key in _NAMED_SPECIAL_TOKENS or (key.endswith("_token") and isinstance(value, (str, Mapping))):
                     special[key] = _token_content(value, map_path, key)
-        for key, value in _CLASS_DEFAULT_TOKENS.get(config.get("tokenizer_class"), {}).items():
+        tokenizer_class = config.get("tokenizer_class")
+        if tokenizer_class is not None and not isinstance(tokenizer_class, str):
+            raise FormatError(f"{cfg_path}: tokenizer_class should be a string, got {type(tokenizer_class).__name__}")
+        for key, value in _CLASS_DEFAULT_TOKENS.get(tokenizer_class, {}).items():
             special.setdefault(key, value)
 
         add_bos_token = config.get("add_bos_token", False)
@@ -637,7 +640,8 @@ class Tokenizer:
             for index, document in enumerate(documents):
                 if not isinstance(document, dict):
                     raise InvalidInputError(
-                        f"documents[{index}] should be a dict with 'title' and 'text' keys, got {type(document).__name__}"
+                        f"documents[{index}] should be a dict with 'title' and 'text' keys, "
+                        f"got {type(document).__name__}"
                     )
         tools = _plain(tools)
         documents = _plain(documents)
@@ -782,6 +786,8 @@ def _read_json_object(path: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except RecursionError:
+        raise FormatError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise FormatError(f"{path}: should hold a JSON object, got {type(value).__name__}")
     return value
@@ -791,8 +797,10 @@ def _load_tokenizers_file(path: str) -> tokenizers.Tokenizer:
     text = _read_text(path)
     try:
         return tokenizers.Tokenizer.from_str(text)
-    except Exception as e:  # noqa: BLE001 - the Rust parser raises a plain Exception
-        cause = e
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - the Rust parser raises a plain Exception, and pyo3's
+        cause = e  # PanicException (a BaseException) where it panics on a malformed file
     # Say whether it's broken JSON, or JSON that isn't a tokenizer
     try:
         value = json.loads(text)
@@ -800,6 +808,8 @@ def _load_tokenizers_file(path: str) -> tokenizers.Tokenizer:
         raise FormatError(
             f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg} (truncated or corrupted file?)"
         ) from cause
+    except RecursionError:
+        raise FormatError(f"{path}: invalid JSON: nested too deeply") from cause
     if not isinstance(value, dict):
         raise FormatError(f"{path}: should hold a JSON object, got {type(value).__name__}") from cause
     raise FormatError(f"{path}: not a valid tokenizers file: {cause}") from cause
