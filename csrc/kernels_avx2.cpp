@@ -392,6 +392,44 @@ static void q_row_group(const int8_t* xq, const float* xd, const int32_t* xs, in
     _mm256_storeu_ps(out + 8, sum1);
 }
 
+// q4 for two tokens at once (prefill): each 32-byte slice of weights is loaded and split into
+// nibbles once for both, which leaves the multiplies as the only per-token work.
+static void q4_row_group_x2(const int8_t* xq, const float* xd, const int32_t* xs, int B, int Kp, const uint8_t* group,
+                            float* out0, float* out1) {
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
+    __m256 sum[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
+    for (int b = 0; b < B; b++) {
+        const uint8_t* blk = group + size_t(b) * kQ4BlockBytes;
+        const int8_t* x0 = xq + b * kQBlock;
+        const int8_t* x1 = x0 + Kp;
+        __m256i s[2][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()},
+                           {_mm256_setzero_si256(), _mm256_setzero_si256()}};  // [token][rows 0-7 | 8-15]
+        for (int g = 0; g < 4; g++)
+            for (int half = 0; half < 2; half++) {
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 64 * g + 32 * half));
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                s[0][half] = _mm256_add_epi16(s[0][half], _mm256_maddubs_epi16(lo, bcast4(x0 + 8 * g)));
+                s[0][half] = _mm256_add_epi16(s[0][half], _mm256_maddubs_epi16(hi, bcast4(x0 + 8 * g + 4)));
+                s[1][half] = _mm256_add_epi16(s[1][half], _mm256_maddubs_epi16(lo, bcast4(x1 + 8 * g)));
+                s[1][half] = _mm256_add_epi16(s[1][half], _mm256_maddubs_epi16(hi, bcast4(x1 + 8 * g + 4)));
+            }
+        const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+        const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+        for (int t = 0; t < 2; t++) {
+            const __m256i corr = _mm256_set1_epi32(8 * xs[size_t(t) * B + b]);
+            const __m256 dx = _mm256_set1_ps(xd[size_t(t) * B + b]);
+            const __m256i a0 = _mm256_sub_epi32(_mm256_madd_epi16(s[t][0], ones), corr);
+            const __m256i a1 = _mm256_sub_epi32(_mm256_madd_epi16(s[t][1], ones), corr);
+            sum[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_mul_ps(w0, dx), sum[t][0]);
+            sum[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_mul_ps(w1, dx), sum[t][1]);
+        }
+    }
+    _mm256_storeu_ps(out0, sum[0][0]);
+    _mm256_storeu_ps(out0 + 8, sum[0][1]);
+    _mm256_storeu_ps(out1, sum[1][0]);
+    _mm256_storeu_ps(out1 + 8, sum[1][1]);
+}
+
 template <bool Q4>
 static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
                      const float* bias, float* Y, int ldy, int n0, int n1) {
@@ -400,7 +438,18 @@ static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M
     for (int n = n0; n < n1; n += kQRows) {
         const uint8_t* group = W + size_t(n / kQRows) * group_bytes;
         const int valid = imin(kQRows, n1 - n);
-        for (int m = 0; m < M; m++) {
+        int m = 0;
+        if (Q4)
+            for (; m + 2 <= M; m += 2) {
+                float out[2][kQRows];
+                q4_row_group_x2(xq + size_t(m) * Kp, xd + size_t(m) * B, xs + size_t(m) * B, B, Kp, group, out[0],
+                                out[1]);
+                for (int t = 0; t < 2; t++) {
+                    float* y = Y + size_t(m + t) * ldy + n;
+                    for (int r = 0; r < valid; r++) y[r] = out[t][r] + (bias ? bias[n + r] : 0.f);
+                }
+            }
+        for (; m < M; m++) {
             float out[kQRows];
             q_row_group<Q4>(xq + size_t(m) * Kp, xd + size_t(m) * B, xs + size_t(m) * B, B, group, out);
             float* y = Y + size_t(m) * ldy + n;

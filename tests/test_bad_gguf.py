@@ -16,7 +16,7 @@ import pytest
 import qwen2rt
 from qwen2rt import FormatError, Qwen2rtError, UnsupportedModelError
 from qwen2rt.gguf_io import GGUFFile
-from tiny_model import make_checkpoint, write_gguf
+from tiny_model import edit_safetensors_header, make_checkpoint, write_gguf
 
 # -- GGUF taken apart and put back together ---------------------------------------------------
 # GGUF value types (gguf_io has the same table): id -> bytes of a scalar
@@ -446,16 +446,6 @@ def conv(converted, tmp_path):
     return out
 
 
-def edit_header(path, fn):
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    fn(header)
-    new = json.dumps(header).encode()
-    new += b" " * (-(8 + len(new)) % 64)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
-
-
 def edit_meta(path, **changes):
     """Sets __metadata__ entries; a dict or list value is JSON-encoded as the converter writes them."""
     def fn(h):
@@ -464,7 +454,7 @@ def edit_meta(path, **changes):
                 h["__metadata__"].pop(k)
             else:
                 h["__metadata__"][k] = v if isinstance(v, str) else json.dumps(v)
-    edit_header(path, fn)
+    edit_safetensors_header(path, fn)
 
 
 def meta_of(path):
@@ -828,7 +818,7 @@ def test_shard_names_that_are_not_shards(sharded, tmp_path, shard):
 
 def test_safetensors_dtype_not_a_string(folder):
     p = folder / "model.safetensors"
-    edit_header(p, lambda h: h[next(k for k in h if k != "__metadata__")].update(dtype=["F32"]))
+    edit_safetensors_header(p, lambda h: h[next(k for k in h if k != "__metadata__")].update(dtype=["F32"]))
     with pytest.raises(FormatError, match=re.escape(str(p)) + r".*unknown dtype \['F32'\]"):
         qwen2rt.Model(folder)
 

@@ -1,7 +1,6 @@
 """q8 / q4 models: against PyTorch, across ISA paths, and converted folders that load by mmap."""
 
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 import qwen2rt
 from qwen2rt import FormatError, InvalidInputError, UnsupportedModelError
-from tiny_model import make_checkpoint
+from tiny_model import edit_safetensors_header, make_checkpoint
 
 
 @pytest.fixture(scope="module", params=["q32", "gqa"])
@@ -128,15 +127,6 @@ def test_converted_dtype_cannot_change(converted):
         qwen2rt.Model(dst, dtype="q8")
 
 
-def _edit_metadata(path, fn):
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    fn(header)
-    new = json.dumps(header).encode()
-    new += b" " * (-(8 + len(new)) % 64)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
-
 
 @pytest.fixture
 def broken(converted, tmp_path):
@@ -149,7 +139,8 @@ def broken(converted, tmp_path):
 
 
 def test_newer_format_version_refused(broken):
-    _edit_metadata(broken / "model.safetensors", lambda h: h["__metadata__"].update(qwen2rt_format_version="99"))
+    edit_safetensors_header(broken / "model.safetensors",
+                            lambda h: h["__metadata__"].update(qwen2rt_format_version="99"))
     with pytest.raises(UnsupportedModelError, match="version 99"):
         qwen2rt.Model(broken)
 
@@ -162,7 +153,7 @@ def test_wrong_size_refused(broken):
         shapes[name][1] += 32  # now the bytes are too few for the shape
         h["__metadata__"]["qwen2rt_shapes"] = json.dumps(shapes)
 
-    _edit_metadata(broken / "model.safetensors", shrink)
+    edit_safetensors_header(broken / "model.safetensors", shrink)
     with pytest.raises(FormatError, match="shape"):
         qwen2rt.Model(broken)
 
@@ -179,7 +170,7 @@ def test_missing_tensor_refused(broken):
         h["__metadata__"]["qwen2rt_tensor_dtypes"] = json.dumps(dtypes)
         h["__metadata__"]["qwen2rt_shapes"] = json.dumps(shapes)
 
-    _edit_metadata(broken / "model.safetensors", drop)
+    edit_safetensors_header(broken / "model.safetensors", drop)
     with pytest.raises(FormatError, match="gate_proj"):
         qwen2rt.Model(broken)
 

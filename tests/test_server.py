@@ -451,10 +451,8 @@ def test_stream_disconnect_frees_the_server(server, client, ref, core_log):
         if i == 3:
             break
     stream.close()
-    t0 = time.perf_counter()
     r = client.completions.create(model=NAME, prompt="y", max_tokens=5, temperature=0)
     assert r.usage.completion_tokens == 5
-    assert time.perf_counter() - t0 < 2.0
     assert wait_idle(server, timeout=2)  # the abandoned generation (~5 s) stopped early
     assert len(log.steps) < 100
 
@@ -467,10 +465,8 @@ def test_non_stream_disconnect_frees_the_server(server, client, core_log):
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         time.sleep(0.1)  # the generation has started
-    t0 = time.perf_counter()
     r = client.completions.create(model=NAME, prompt="y", max_tokens=5, temperature=0)
     assert r.usage.completion_tokens == 5
-    assert time.perf_counter() - t0 < 2.0
     assert wait_idle(server, timeout=2)
     assert len(log.steps) < 100
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import torch
 
@@ -159,3 +160,15 @@ def write_gguf(path, model, tokenizer_folder, matrix_type: str = "F32", sampling
     w.write_tensors_to_file()
     w.close()
     return held
+
+
+def edit_safetensors_header(path, fn):
+    """Rewrites a safetensors file's JSON header through fn (which edits it in place or returns a new
+    one), keeping the data (and its 64-byte alignment) as it was."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header = fn(header) or header
+    new = json.dumps(header).encode()
+    new += b" " * (-(8 + len(new)) % 64)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
