@@ -156,8 +156,7 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
 #endif
 
     layers_.resize(cfg.num_layers);
-    if (kv_dtype != DType::F32 && kv_dtype != DType::F16) throw InvalidArgument("the KV cache holds f32 or f16");
-    set_sequences(1);
+    set_sequences(1);  // KVCache refuses a kv_dtype other than f32 or f16
     row_seq_.resize(kChunk);
     row_pos_.resize(kChunk);
 
@@ -264,24 +263,26 @@ static void convert(const void* src, DType from, void* dst, DType to, size_t n, 
     }
 }
 
-// The first NaN or Inf among `n` values at `data` in dtype `t` (for q8 / q4: among the f16 scales of
-// the packed blocks, whose integer values are always finite), or -1. A bad checkpoint is refused at
+// The first NaN or Inf among the `nbytes` of values at `data` in dtype `t` (for q8 / q4: among the
+// f16 scales of the packed blocks, whose integer values are always finite): the index of the value
+// (q8 / q4: of the block), or -1. A bad checkpoint is refused at
 // load rather than turned into NaN logits later. Two passes: a flag (which vectorises, and is all
 // that a good file pays for), then the position.
-static int64_t first_non_finite(const void* data, DType t, size_t n, int threads) {
+static int64_t first_non_finite(const void* data, DType t, size_t nbytes, int threads) {
     const auto* u16 = static_cast<const uint16_t*>(data);
     const auto* u32 = static_cast<const uint32_t*>(data);
-    size_t count = n, stride = 1, per = 1;  // count items of `per` halves, `stride` halves apart
+    size_t item = dtype_size(t), per = 1;  // items of `item` bytes, each starting with `per` values
     uint32_t mask = 0;
     if (t == DType::F32) mask = 0x7f800000u;
     else if (t == DType::BF16) mask = 0x7f80u;
     else if (t == DType::F16) mask = 0x7c00u;
-    else {  // q8 / q4: n blocks, each starting with 16 f16 scales
+    else {  // q8 / q4: blocks, each starting with 16 f16 scales
         mask = 0x7c00u;
-        stride = (t == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes) / 2;
+        item = t == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes;
         per = 16;
     }
-    const int64_t N = int64_t(count);
+    const size_t stride = item / 2;  // in halves (f16/bf16/q8/q4)
+    const int64_t N = int64_t(nbytes / item);
     int bad = 0;
     if (t == DType::F32) {
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
@@ -329,9 +330,7 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     if (!data || nbytes != need)
         throw InvalidArgument("tensor '" + name + "' holds " + std::to_string(nbytes) + " bytes, its shape as " +
                               dtype_name(src) + " needs " + std::to_string(need));
-    const size_t items = is_quantized(src) ? need / (src == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes)
-                                           : need / dtype_size(src);
-    if (const int64_t bad = first_non_finite(data, src, items, threads_); bad >= 0) {
+    if (const int64_t bad = first_non_finite(data, src, need, threads_); bad >= 0) {
         std::string where;
         if (is_quantized(src)) {
             const int64_t B = q_blocks(cols);
