@@ -101,6 +101,10 @@ struct PyModel {
         return kept;
     }
 
+    void check_seq(int seq) const {
+        if (seq < 0 || seq >= model->sequences()) throw InvalidArgument("no sequence " + std::to_string(seq));
+    }
+
     using IdArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
     // Runs `pass(poll)` without the GIL. Ctrl-C: during a multi-token pass on the main thread, look
@@ -315,7 +319,7 @@ PYBIND11_MODULE(_core, m) {
             "reset",
             [](PyModel& s, int seq) {
                 BusyGuard g(s.busy);
-                if (seq < 0 || seq >= s.model->sequences()) throw InvalidArgument("no sequence " + std::to_string(seq));
+                s.check_seq(seq);
                 s.model->reset(seq);
             },
             py::arg("seq") = 0)
@@ -323,7 +327,7 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "seq_len",
             [](PyModel& s, int seq) {
-                if (seq < 0 || seq >= s.model->sequences()) throw InvalidArgument("no sequence " + std::to_string(seq));
+                s.check_seq(seq);
                 return s.model->cache_len(seq);
             },
             py::arg("seq"))
@@ -335,7 +339,7 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "seq_tokens",
             [](PyModel& s, int seq) {
-                if (seq < 0 || seq >= s.model->sequences()) throw InvalidArgument("no sequence " + std::to_string(seq));
+                s.check_seq(seq);
                 const std::vector<int32_t>& t = s.model->cached_tokens(seq);
                 return py::array_t<int32_t>(py::ssize_t(t.size()), t.data());
             },
