@@ -50,8 +50,11 @@ def _run_qwen2rt(spec: dict) -> dict:
         path = _converted(spec["gguf"], dtype)
     t0 = time.perf_counter()
     m = qwen2rt.Model(path, dtype=dtype, threads=spec["threads"], max_context=spec["max_context"])
+    c = m.config
     out = {"load_s": time.perf_counter() - t0, "weight_bytes": m._core.weight_bytes,
-           "isa": qwen2rt.system_info()["isa"]}
+           "isa": qwen2rt.system_info()["isa"],
+           "kv_bytes": qwen2rt._core.kv_cache_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                                                    spec["max_context"], m._core.kv_dtype)}
     # bytes a decode step reads: every matrix but the embedding table (unless it is the tied lm_head)
     embed = m._core.tensor_bytes("model.embed_tokens.weight")[1].nbytes
     out["read_bytes_per_token"] = m._core.weight_bytes - (0 if m.config.tie_word_embeddings else embed)
@@ -187,7 +190,13 @@ def _run_llama(spec: dict) -> dict:
     llm = llama_cpp.Llama(model_path=path, n_ctx=spec["max_context"], n_threads=spec["threads"],
                           n_threads_batch=spec["threads"], n_batch=512, verbose=False)
     out = {"load_s": time.perf_counter() - t0, "weight_bytes": os.path.getsize(path)}
+    from qwen2rt import _core
+    from qwen2rt.checkpoint import GGUFCheckpoint
     from qwen2rt.gguf_io import GGUFFile
+
+    c = GGUFCheckpoint(path).config  # llama.cpp's cache is f16 unless told otherwise
+    out["kv_bytes"] = _core.kv_cache_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                                           spec["max_context"], "f16")
 
     g = GGUFFile(path)  # bytes a decode step reads: every tensor but the embedding table
     out["read_bytes_per_token"] = sum(t.nbytes for n, t in g.tensors.items() if n != "token_embd.weight")
@@ -225,12 +234,25 @@ def _run_llama(spec: dict) -> dict:
 RUNNERS = {"qwen2rt": _run_qwen2rt, "torch": _run_torch, "llama": _run_llama}
 
 
-def child_main(spec_json: str) -> None:
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's ru_maxrss survives exec, so a child would report its
+    parent's peak (the parent's 1 GiB bandwidth buffer) if it is larger: VmHWM is this program's own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     out = RUNNERS[spec["engine"]](spec)
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_bytes"] = peak_rss_bytes()
     print("RESULT " + json.dumps(out))
 
 
@@ -347,6 +369,8 @@ def main() -> None:
             row["roofline_pct"] = 100 * row["decode_GB_s"] / (bw / 1e9)
         flops_per_token = 2 * (per_token - cfg.vocab_size * cfg.hidden_size)  # the lm_head runs once per prompt
         row["prefill_GFLOP_s"] = row[f"prefill{prompts[-1]}_tok_s"] * flops_per_token / 1e9
+        if med.get("kv_bytes") is not None:  # the issue's bound: peak RSS <= 1.15 x (weights + KV cache)
+            row["rss_x_weights_kv"] = med["peak_rss_bytes"] / (med["weight_bytes"] + med["kv_bytes"])
         rows[e] = row
 
     def best(prefix: str, key: str) -> float | None:
@@ -357,6 +381,7 @@ def main() -> None:
            ["decode_tok_s"] + \
            [x for c in contexts for x in (f"decode@{c}_tok_s", f"decode@{c}_pct")] + \
            [f"batch{b}_tok_s" for b in batches] + ["decode_GB_s", "roofline_pct", "prefill_GFLOP_s", "peak_rss_gb",
+                                                      "rss_x_weights_kv",
                                                       "vs_llama_decode", "vs_torch_decode", "vs_best_prefill"]
     longest = f"prefill{prompts[-1]}_tok_s"
     ref_prefill = max(filter(None, [best("llama", longest), best("torch", longest)]), default=None)

@@ -335,6 +335,49 @@ static void attention(const float* q, int G, int D, const KV* K, const KV* V, in
 // x's sign) so that no int16 pair sum can saturate; q4's nibbles are small enough to go in as they
 // are, and 8 times the activation sum is taken off afterwards.
 
+// Rows of activations to int8 blocks (quant.h), as quantize_acts_portable: amax of a block of 32,
+// q = round-to-even(x * 127 / amax), and each block's sum of q for the q4 zero point. A short last
+// block is copied into a zero-padded one first.
+static void quantize_acts(const float* X, int ldx, int M, int K, int8_t* q, float* d, int32_t* s) {
+    const int B = q_blocks(K), Kp = B * kQBlock;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+    alignas(32) float pad[kQBlock];
+    for (int m = 0; m < M; m++) {
+        for (int b = 0; b < B; b++) {
+            const int k0 = b * kQBlock, n = imin(kQBlock, K - k0);
+            const float* x = X + size_t(m) * ldx + k0;
+            if (n < kQBlock) {
+                for (int j = 0; j < kQBlock; j++) pad[j] = j < n ? x[j] : 0.f;
+                x = pad;
+            }
+            __m256 v[4];
+            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + 8 * i);
+            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                      _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            __m256i i32[4];
+            for (int i = 0; i < 4; i++) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // nearest even
+            const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+            const __m256i i8 = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3])), order);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + size_t(m) * Kp + k0), i8);
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            d[size_t(m) * B + b] = amax / 127.f;
+            s[size_t(m) * B + b] = _mm_cvtsi128_si32(s4);
+        }
+    }
+}
+
+// An empty asm that "changes" v: the integer sums stay running sums in registers. Without it gcc
+// regroups the adds of an unrolled block into a tree, keeps every product alive, and spills them.
+static inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
+
 static inline __m256i bcast4(const int8_t* p) {
     int32_t v;
     __builtin_memcpy(&v, p, 4);
@@ -366,6 +409,8 @@ static void q_row_group(const int8_t* xq, const float* xd, const int32_t* xs, in
                 s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), xh));
                 s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(v1, low4), xl));
                 s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), xh));
+                keep_in_register(s0);
+                keep_in_register(s1);
             }
             const __m256i corr = _mm256_set1_epi32(8 * xs[b]);
             acc0 = _mm256_sub_epi32(_mm256_madd_epi16(s0, ones), corr);
@@ -412,6 +457,8 @@ static void q4_row_group_x2(const int8_t* xq, const float* xd, const int32_t* xs
                 s[0][half] = _mm256_add_epi16(s[0][half], _mm256_maddubs_epi16(hi, bcast4(x0 + 8 * g + 4)));
                 s[1][half] = _mm256_add_epi16(s[1][half], _mm256_maddubs_epi16(lo, bcast4(x1 + 8 * g)));
                 s[1][half] = _mm256_add_epi16(s[1][half], _mm256_maddubs_epi16(hi, bcast4(x1 + 8 * g + 4)));
+                keep_in_register(s[0][half]);
+                keep_in_register(s[1][half]);
             }
         const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
         const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
@@ -470,7 +517,7 @@ static void matmul_q4(const int8_t* xq, const float* xd, const int32_t* xs, int 
 static const Kernels table = {
     "avx2",        matmul_f32, matmul_bf16, rmsnorm,  rope_portable, silu_mul, attention_f32, attention_f16,
     add_portable,
-    quantize_acts_portable, matmul_q8,  matmul_q4,
+    quantize_acts,          matmul_q8,  matmul_q4,
 };
 
 }  // namespace avx2

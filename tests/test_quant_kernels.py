@@ -38,6 +38,17 @@ def test_quantize_acts(isa, M, K):
     np.testing.assert_allclose(d, rd, rtol=1e-7)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_acts_ties_round_to_even(isa):
+    # amax 127 makes the scale 1, so these land exactly halfway between two integers
+    row = np.array([127, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5] + [0] * 23 + [-127, 3.5], np.float32)
+    q, d, s = K_.quantize_acts(isa, row[None, :])
+    rq, rd, rs = acts_ref(row[None, :])
+    np.testing.assert_array_equal(q, rq)
+    assert q[0, 1:9].tolist() == [0, 2, 2, 0, -2, -2, 126, -126]
+    np.testing.assert_array_equal(s, rs)
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize("N, K", [(1, 32), (15, 64), (16, 96), (17, 100), (40, 33), (33, 896)])
 def test_pack_roundtrip(fmt, N, K):

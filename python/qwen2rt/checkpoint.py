@@ -163,6 +163,11 @@ class HFCheckpoint:
         hint = f" (found {', '.join(others)}; qwen2rt reads safetensors)" if others else ""
         raise ModelNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json{hint}")
 
+    def evict(self, name: str) -> None:
+        """Drop a mapped tensor's pages from resident memory (see SafetensorsFile.evict)."""
+        f = self.converted.file if self.converted is not None else self.files[name]
+        f.evict(name)
+
     def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
         if self.converted is not None:
             yield from self.converted.tensors()
@@ -303,6 +308,9 @@ class GGUFCheckpoint:
                 f"{self.path}: partial RoPE ({short_repr(rope_dims)} of {cfg.head_dim} dims) is not supported"
             )
         return cfg
+
+    def evict(self, name: str) -> None:
+        """GGUF tensors are converted into the core's own memory: nothing of the file stays mapped in use."""
 
     def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
         """Block formats are dequantized in C++ on `threads` threads, one tensor at a time."""

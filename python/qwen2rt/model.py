@@ -143,9 +143,13 @@ class Model:
         for name, array, src, shape in ckpt.tensors(threads):
             target = src if ckpt.converted is not None and src != "f32" else policy(name)
             try:
-                self._core.set_tensor(name, array, src, shape, dtype=target)
+                borrowed = self._core.set_tensor(name, array, src, shape, dtype=target)
             except InvalidInputError as e:  # a tensor the config does not expect, or of the wrong shape
                 raise FormatError(f"{path}: {e}") from None
+            if borrowed and name == "model.embed_tokens.weight" and not self.config.tie_word_embeddings:
+                # Only the rows of the tokens seen are read from now on: after set_tensor's check has
+                # read the whole table, let the OS keep it in the page cache rather than in our RSS.
+                ckpt.evict(name)
         missing = self._core.missing_tensors()
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -176,6 +180,7 @@ class Model:
                             f"vocab_size {self.config.vocab_size}"
                         )
                     self._tokenizer = tok
+                    _core.release_free_memory()  # the parse's freed heap, ~100 MB for Qwen2's tokenizer
         return self._tokenizer
 
     @property

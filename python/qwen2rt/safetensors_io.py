@@ -132,6 +132,19 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def evict(self, name: str) -> None:
+        """Drop the mapped pages of a tensor from this process's resident memory (they stay in the page
+        cache, and come back one page at a time when read). For a table that is only gathered from, such
+        as an untied embedding, after the load-time checks have read all of it."""
+        t = self.tensors[name]
+        if self._mm is None or not hasattr(self._mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        begin = -(-(self.data_start + t.begin) // page) * page  # whole pages inside the tensor only
+        end = (self.data_start + t.end) // page * page
+        if end > begin:
+            self._mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view of the mapped file (bf16 as uint16 bits)."""
         t = self.tensors[name]
