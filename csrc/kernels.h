@@ -62,8 +62,11 @@ struct Kernels {
 // Keys are taken kAttnBlock at a time: an f16 block is widened to f32 once, into scratch, and then
 // read from L1 by each of the G heads.
 constexpr int kAttnBlock = 32;
+// The G rows of scores are this far apart: whole cache lines, plus one, so that rows of a long
+// context (n_keys a multiple of 1024) do not all fall into the same L1 sets.
+inline size_t attention_score_stride(int n_keys) { return (size_t(n_keys) + 15) / 16 * 16 + 16; }
 inline size_t attention_scratch_floats(int G, int n_keys, int head_dim) {
-    return size_t(G) * size_t(n_keys) + size_t(kAttnBlock) * size_t(head_dim);
+    return size_t(G) * attention_score_stride(n_keys) + size_t(kAttnBlock) * size_t(head_dim) + size_t(G);
 }
 
 const Kernels* kernels_generic();

@@ -215,13 +215,18 @@ static void silu_mul(const float* gate, const float* up, int n, float* out) {
     for (; i < n; i++) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
 }
 
-static void softmax(float* s, int n) {
-    float mx = s[0];
-    for (int t = 1; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 vsum = _mm256_setzero_ps();
+// s = exp(s - max s), returning the sum (the caller scales by its inverse once, at the end).
+static float softmax_unnormalized(float* s, int n) {
     int t = 0;
-    for (; t + 8 <= n; t += 8) {
+    __m256 vmx = _mm256_set1_ps(s[0]);
+    for (; t + 8 <= n; t += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(s + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= n; t += 8) {
         const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
         _mm256_storeu_ps(s + t, e);
         vsum = _mm256_add_ps(vsum, e);
@@ -231,8 +236,7 @@ static void softmax(float* s, int n) {
         s[t] = expf(s[t] - mx);
         sum += s[t];
     }
-    const float inv = 1.f / sum;
-    for (t = 0; t < n; t++) s[t] *= inv;
+    return sum;
 }
 
 // Attention. Keys go kAttnBlock at a time: the block's K (then V) rows are made f32 once (f16 is
@@ -247,7 +251,9 @@ static inline const float* rows_f32(const uint16_t* src, int n, int D, float* bu
     return buf;
 }
 
-// The next block of a long context comes from memory while this one is computed.
+// A block of a long context some blocks ahead comes from memory while this one is computed (one
+// block ahead is too close: the widening loop then waits on its loads).
+constexpr int kAttnAhead = 4 * kAttnBlock;
 template <class KV>
 static inline void prefetch_rows(const KV* p, int n, int D) {
     const char* c = reinterpret_cast<const char*>(p);
@@ -262,70 +268,128 @@ static inline __m256 hsum8(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
+// Scores of two heads (qa, qb) against four keys (rows k[0..3] of length D), scaled: one K load
+// serves both heads and one q load four keys, so the FMAs, not the loads, set the pace.
+static inline void scores_2x4(const float* qa, const float* qb, const float* k, int D, __m256 vscale, float* sa,
+                              float* sb) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        const __m256 a = _mm256_loadu_ps(qa + d), b = _mm256_loadu_ps(qb + d);
+        for (int j = 0; j < 4; j++) {
+            const __m256 kv = _mm256_loadu_ps(k + size_t(j) * D + d);
+            acc[j] = _mm256_fmadd_ps(a, kv, acc[j]);
+            acc[4 + j] = _mm256_fmadd_ps(b, kv, acc[4 + j]);
+        }
+    }
+    const __m256 r = _mm256_mul_ps(hsum8(acc), vscale);  // [a.k0 .. a.k3, b.k0 .. b.k3]
+    _mm_storeu_ps(sa, _mm256_castps256_ps128(r));
+    _mm_storeu_ps(sb, _mm256_extractf128_ps(r, 1));
+}
+
+// Scores of one head against eight keys.
+static inline void scores_1x8(const float* qg, const float* k, int D, __m256 vscale, float* sg) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qg + d);
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + size_t(j) * D + d), acc[j]);
+    }
+    _mm256_storeu_ps(sg, _mm256_mul_ps(hsum8(acc), vscale));
+}
+
+static inline float score_1x1(const float* qg, const float* k, int D, float scale) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(k + d), acc);
+    return scale * hsum(acc);
+}
+
+// oa[0..W) += sum_t pa[t] v[t][0..W), and the same for a second head (pb, ob) when pb is set: W = 32
+// columns of two heads in eight registers, one V load serving both.
+template <int W>
+static inline void accumulate_pv(const float* pa, const float* pb, const float* v, int nb, int D, float* oa, float* ob) {
+    constexpr int R = W / 8;
+    __m256 a[R], b[R];
+    for (int i = 0; i < R; i++) {
+        a[i] = _mm256_loadu_ps(oa + 8 * i);
+        b[i] = pb ? _mm256_loadu_ps(ob + 8 * i) : _mm256_setzero_ps();
+    }
+    if (pb) {
+        for (int t = 0; t < nb; t++) {
+            const __m256 p = _mm256_broadcast_ss(pa + t), p2 = _mm256_broadcast_ss(pb + t);
+            for (int i = 0; i < R; i++) {
+                const __m256 vv = _mm256_loadu_ps(v + size_t(t) * D + 8 * i);
+                a[i] = _mm256_fmadd_ps(p, vv, a[i]);
+                b[i] = _mm256_fmadd_ps(p2, vv, b[i]);
+            }
+        }
+        for (int i = 0; i < R; i++) _mm256_storeu_ps(ob + 8 * i, b[i]);
+    } else {
+        for (int t = 0; t < nb; t++) {
+            const __m256 p = _mm256_broadcast_ss(pa + t);
+            for (int i = 0; i < R; i++) a[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + size_t(t) * D + 8 * i), a[i]);
+        }
+    }
+    for (int i = 0; i < R; i++) _mm256_storeu_ps(oa + 8 * i, a[i]);
+}
+
 template <class KV>
 static void attention(const float* q, int G, int D, const KV* K, const KV* V, int n_keys, float scale,
                       float* scratch, float* out) {
     if (D % 8 != 0) return attention_portable(q, G, D, K, V, n_keys, scale, scratch, out);
-    float* scores = scratch;                    // [G, n_keys]
-    float* buf = scratch + size_t(G) * n_keys;  // one block of rows as f32
+    const size_t ls = attention_score_stride(n_keys);
+    float* scores = scratch;             // [G, ls]
+    float* buf = scratch + size_t(G) * ls;  // one block of rows as f32, then G softmax sums
     const __m256 vscale = _mm256_set1_ps(scale);
 
-    // scores = scale * q K^T, eight keys at a time per head
+    // scores = scale * q K^T: heads in pairs against four keys at a time, an odd last head against eight
     for (int t0 = 0; t0 < n_keys; t0 += kAttnBlock) {
         const int nb = imin(kAttnBlock, n_keys - t0);
-        prefetch_rows(K + size_t(t0 + nb) * D, imin(kAttnBlock, n_keys - t0 - nb), D);
+        prefetch_rows(K + size_t(t0 + kAttnAhead) * D, imin(kAttnBlock, n_keys - t0 - kAttnAhead), D);
         const float* k = rows_f32(K + size_t(t0) * D, nb, D, buf);
-        for (int g = 0; g < G; g++) {
-            const float* qg = q + size_t(g) * D;
-            float* sg = scores + size_t(g) * n_keys + t0;
+        int g = 0;
+        for (; g + 2 <= G; g += 2) {
+            const float *qa = q + size_t(g) * D, *qb = qa + D;
+            float *sa = scores + size_t(g) * ls + t0, *sb = sa + ls;
             int t = 0;
-            for (; t + 8 <= nb; t += 8) {
-                __m256 acc[8];
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-                for (int d = 0; d < D; d += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qg + d);
-                    for (int j = 0; j < 8; j++)
-                        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + size_t(t + j) * D + d), acc[j]);
-                }
-                _mm256_storeu_ps(sg + t, _mm256_mul_ps(hsum8(acc), vscale));
-            }
+            for (; t + 4 <= nb; t += 4) scores_2x4(qa, qb, k + size_t(t) * D, D, vscale, sa + t, sb + t);
             for (; t < nb; t++) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int d = 0; d < D; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(k + size_t(t) * D + d), acc);
-                sg[t] = scale * hsum(acc);
+                sa[t] = score_1x1(qa, k + size_t(t) * D, D, scale);
+                sb[t] = score_1x1(qb, k + size_t(t) * D, D, scale);
             }
         }
+        if (g < G) {
+            const float* qg = q + size_t(g) * D;
+            float* sg = scores + size_t(g) * ls + t0;
+            int t = 0;
+            for (; t + 8 <= nb; t += 8) scores_1x8(qg, k + size_t(t) * D, D, vscale, sg + t);
+            for (; t < nb; t++) sg[t] = score_1x1(qg, k + size_t(t) * D, D, scale);
+        }
     }
-    for (int g = 0; g < G; g++) softmax(scores + size_t(g) * n_keys, n_keys);
+    float* inv_sum = buf + size_t(kAttnBlock) * D;  // [G]
+    for (int g = 0; g < G; g++) inv_sum[g] = 1.f / softmax_unnormalized(scores + size_t(g) * ls, n_keys);
 
-    // out = P V, 64 columns of a head at a time in eight registers
+    // out = P V: pairs of heads 32 columns at a time (an odd head alone), then each row scaled by 1/sum
     for (int i = 0; i < G * D; i++) out[i] = 0.f;
     for (int t0 = 0; t0 < n_keys; t0 += kAttnBlock) {
         const int nb = imin(kAttnBlock, n_keys - t0);
-        prefetch_rows(V + size_t(t0 + nb) * D, imin(kAttnBlock, n_keys - t0 - nb), D);
+        prefetch_rows(V + size_t(t0 + kAttnAhead) * D, imin(kAttnBlock, n_keys - t0 - kAttnAhead), D);
         const float* v = rows_f32(V + size_t(t0) * D, nb, D, buf);
-        for (int g = 0; g < G; g++) {
-            const float* pg = scores + size_t(g) * n_keys + t0;
-            float* og = out + size_t(g) * D;
+        for (int g = 0; g < G; g += 2) {
+            const bool pair = g + 1 < G;
+            const float* pa = scores + size_t(g) * ls + t0;
+            const float* pb = pair ? pa + ls : nullptr;
+            float* oa = out + size_t(g) * D;
+            float* ob = pair ? oa + D : nullptr;
             int d0 = 0;
-            for (; d0 + 64 <= D; d0 += 64) {
-                __m256 acc[8];
-                for (int i = 0; i < 8; i++) acc[i] = _mm256_loadu_ps(og + d0 + 8 * i);
-                for (int t = 0; t < nb; t++) {
-                    const __m256 p = _mm256_broadcast_ss(pg + t);
-                    for (int i = 0; i < 8; i++)
-                        acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + size_t(t) * D + d0 + 8 * i), acc[i]);
-                }
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(og + d0 + 8 * i, acc[i]);
-            }
-            for (; d0 < D; d0 += 8) {
-                __m256 acc = _mm256_loadu_ps(og + d0);
-                for (int t = 0; t < nb; t++)
-                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(pg + t), _mm256_loadu_ps(v + size_t(t) * D + d0), acc);
-                _mm256_storeu_ps(og + d0, acc);
-            }
+            for (; d0 + 32 <= D; d0 += 32) accumulate_pv<32>(pa, pb, v + d0, nb, D, oa + d0, pair ? ob + d0 : nullptr);
+            for (; d0 < D; d0 += 8) accumulate_pv<8>(pa, pb, v + d0, nb, D, oa + d0, pair ? ob + d0 : nullptr);
         }
+    }
+    for (int g = 0; g < G; g++) {
+        float* og = out + size_t(g) * D;
+        const __m256 r = _mm256_set1_ps(inv_sum[g]);
+        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(og + d, _mm256_mul_ps(_mm256_loadu_ps(og + d), r));
     }
 }
 
