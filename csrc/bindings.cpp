@@ -92,13 +92,24 @@ struct PyModel {
             }
         }
         const size_t nbytes = size_t(info.size) * size_t(info.itemsize);
-        const DType src = parse_dtype(src_dtype);
+        // "gguf:N": bytes of GGUF blocks of ggml type N, made float32 in C++ a chunk of rows at a time
+        int gguf_type = -1;
+        if (src_dtype.rfind("gguf:", 0) == 0) {
+            try {
+                size_t used = 0;
+                gguf_type = std::stoi(src_dtype.substr(5), &used);
+                if (used != src_dtype.size() - 5 || gguf_type < 0) throw std::invalid_argument("");
+            } catch (const std::exception&) {
+                throw InvalidArgument("src_dtype '" + src_dtype + "' is not gguf:<ggml type id>");
+            }
+        }
+        const DType src = gguf_type >= 0 ? DType::F32 : parse_dtype(src_dtype);
         const DType target = dtype.is_none() ? model->dtype() : parse_dtype(dtype.cast<std::string>());
         if (target == DType::F16) throw InvalidArgument("matrices are held as f32, bf16, q8 or q4");
         bool kept;
         {
             py::gil_scoped_release nogil;
-            kept = model->set_tensor(name, info.ptr, src, shape, nbytes, may_borrow, target);
+            kept = model->set_tensor(name, info.ptr, src, shape, nbytes, may_borrow, target, gguf_type);
         }
         if (kept) borrowed.push_back(arr);
         return kept;

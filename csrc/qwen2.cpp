@@ -26,6 +26,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include "gguf_dequant.h"
 #include "kernels.h"
 #include "numeric.h"
 #include "quant.h"
@@ -309,7 +310,7 @@ static size_t matrix_bytes(DType t, int rows, int cols) {
 }
 
 bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
-                            size_t nbytes, bool may_borrow, DType target) {
+                            size_t nbytes, bool may_borrow, DType target, int gguf_type) {
     int rows = 0, cols = 0, len = 0;
     Matrix* m = find_matrix(name, rows, cols);
     std::vector<float>* v = m ? nullptr : find_vector(name, len);
@@ -325,57 +326,99 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     if (shape != want)
         throw InvalidArgument("tensor '" + name + "' has shape " + shape_str(shape) + ", the config implies " +
                               shape_str(want));
-    if (v && is_quantized(src)) throw InvalidArgument("tensor '" + name + "' is a vector: it cannot be " + dtype_name(src));
-    const size_t need = m ? matrix_bytes(src, rows, cols) : checked_mul(size_t(len), dtype_size(src));
+    const bool gguf = gguf_type >= 0;  // `data` holds GGUF blocks of that ggml type, read row by row
+    if (v && is_quantized(src) && !gguf)
+        throw InvalidArgument("tensor '" + name + "' is a vector: it cannot be " + dtype_name(src));
+    const size_t count = m ? size_t(rows) * size_t(cols) : size_t(len);
+    // A GGUF matrix is read a chunk of rows at a time: its rows must be whole blocks (this checks
+    // the type too, and says what is wrong).
+    const size_t gguf_row = gguf ? gguf_dequant_src_bytes(gguf_type, m ? cols : len) : 0;
+    const size_t need = gguf ? checked_mul(gguf_row, m ? size_t(rows) : 1)
+                        : m  ? matrix_bytes(src, rows, cols)
+                             : checked_mul(size_t(len), dtype_size(src));
     if (!data || nbytes != need)
         throw InvalidArgument("tensor '" + name + "' holds " + std::to_string(nbytes) + " bytes, its shape as " +
-                              dtype_name(src) + " needs " + std::to_string(need));
-    if (const int64_t bad = first_non_finite(data, src, need, threads_); bad >= 0) {
+                              (gguf ? "ggml type " + std::to_string(gguf_type) : std::string(dtype_name(src))) +
+                              " needs " + std::to_string(need));
+    // A NaN or Inf is refused at load rather than turned into NaN logits later. `bad` counts values
+    // of a float source (from element `first`), or packed blocks.
+    auto refuse_non_finite = [&](int64_t bad, size_t first, bool blocks) {
         std::string where;
-        if (is_quantized(src)) {
+        if (blocks) {
             const int64_t B = q_blocks(cols);
             where = "a scale of rows " + std::to_string(bad / B * kQRows) + ".." +
                     std::to_string(std::min<int64_t>(rows, bad / B * kQRows + kQRows) - 1);
         } else if (m) {
-            where = "row " + std::to_string(bad / cols) + ", column " + std::to_string(bad % cols);
+            const size_t i = first + size_t(bad);
+            where = "row " + std::to_string(i / size_t(cols)) + ", column " + std::to_string(i % size_t(cols));
         } else {
-            where = "element " + std::to_string(bad);
+            where = "element " + std::to_string(first + size_t(bad));
         }
         throw InvalidArgument("tensor '" + name + "' holds NaN or Inf (first at " + where + ")");
-    }
+    };
 
     if (v) {
         v->assign(size_t(len), 0.f);
-        convert(data, src, v->data(), DType::F32, size_t(len), threads_);
+        if (gguf) dequantize_gguf(gguf_type, static_cast<const uint8_t*>(data), nbytes, v->data(), len, 1);
+        else convert(data, src, v->data(), DType::F32, size_t(len), threads_);
+        if (const int64_t bad = first_non_finite(v->data(), DType::F32, size_t(len) * 4, 1); bad >= 0)
+            refuse_non_finite(bad, 0, false);
         return false;
     }
-    if (is_quantized(src) && src != target)
+    if (!gguf && is_quantized(src) && src != target)
         throw InvalidArgument("tensor '" + name + "' is " + dtype_name(src) + "; it cannot be converted to " +
                               dtype_name(target));
+    // Rows are made float32 a chunk at a time where the source is GGUF blocks or the target is packed:
+    // no float32 copy of a whole matrix (the 545 MB embedding of a 0.5B model) is ever held.
+    const bool by_rows = gguf || (is_quantized(target) && !is_quantized(src));
+    if (!by_rows) {
+        if (const int64_t bad = first_non_finite(data, src, need, threads_); bad >= 0)
+            refuse_non_finite(bad, 0, is_quantized(src));
+    }
     m->rows = rows;
     m->cols = cols;
     m->dtype = target;
     const size_t align = is_quantized(target) ? 1 : dtype_size(target);
-    if (may_borrow && src == target && reinterpret_cast<uintptr_t>(data) % align == 0) {
+    if (!gguf && may_borrow && src == target && reinterpret_cast<uintptr_t>(data) % align == 0) {
         m->owned = AlignedBuffer();  // points into the caller's (mapped) memory: no copy
         m->data = data;
         return true;
     }
     m->owned = AlignedBuffer(matrix_bytes(target, rows, cols), /*huge_pages=*/true);
-    if (is_quantized(target)) {
-        const size_t count = size_t(rows) * size_t(cols);
-        AlignedBuffer tmp;
-        const float* f = static_cast<const float*>(data);
-        if (src != DType::F32) {
-            tmp = AlignedBuffer(checked_mul(count, 4));
-            convert(data, src, tmp.data(), DType::F32, count, threads_);
-            f = tmp.as<float>();
-        }
-        (target == DType::Q8 ? quantize_q8 : quantize_q4)(f, rows, cols, size_t(cols), m->owned.as<uint8_t>(), threads_);
-    } else {
-        convert(data, src, m->owned.data(), target, size_t(rows) * size_t(cols), threads_);
-    }
     m->data = m->owned.data();
+    if (!by_rows) {
+        convert(data, src, m->owned.data(), target, count, threads_);
+        return false;
+    }
+    constexpr int kChunkRows = 256;  // a multiple of kQRows: chunks start on a packed row group
+    const size_t src_row = gguf ? gguf_row : size_t(cols) * dtype_size(src);
+    const size_t group_bytes = is_quantized(target) ? matrix_bytes(target, kQRows, cols) : 0;
+    AlignedBuffer tmp;
+    if (gguf || src != DType::F32) tmp = AlignedBuffer(checked_mul(checked_mul(size_t(kChunkRows), size_t(cols)), 4));
+    struct Unset {  // a matrix refused half way (a NaN in a later chunk) is left missing, not half made
+        Matrix* m;
+        ~Unset() {
+            if (m) *m = Matrix();
+        }
+    } unset{m};
+    for (int r0 = 0; r0 < rows; r0 += kChunkRows) {
+        const int n = std::min(kChunkRows, rows - r0);
+        const size_t values = size_t(n) * size_t(cols);
+        const auto* in = static_cast<const uint8_t*>(data) + size_t(r0) * src_row;
+        const float* f = reinterpret_cast<const float*>(in);
+        if (gguf) dequantize_gguf(gguf_type, in, size_t(n) * src_row, tmp.as<float>(), int64_t(values), threads_);
+        else if (src != DType::F32) convert(in, src, tmp.data(), DType::F32, values, threads_);
+        if (tmp.data()) f = tmp.as<float>();
+        if (const int64_t bad = first_non_finite(f, DType::F32, values * 4, threads_); bad >= 0)
+            refuse_non_finite(bad, size_t(r0) * size_t(cols), false);
+        auto* out = m->owned.as<uint8_t>();
+        if (target == DType::Q8 || target == DType::Q4)
+            (target == DType::Q8 ? quantize_q8 : quantize_q4)(f, n, cols, size_t(cols), out + size_t(r0 / kQRows) * group_bytes,
+                                                               threads_);
+        else
+            convert(f, DType::F32, out + size_t(r0) * size_t(cols) * dtype_size(target), target, values, threads_);
+    }
+    unset.m = nullptr;
     return false;
 }
 

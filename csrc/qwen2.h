@@ -79,8 +79,10 @@ class Qwen2Model {
     // size for q8 / q4). A matrix is stored as `target` (norms and biases always as f32). When
     // `may_borrow` and src == target, the model keeps pointing at `data` (the caller keeps it alive)
     // and returns true; otherwise it converts or quantizes into memory of its own and returns false.
+    // With gguf_type >= 0, `data` holds GGUF blocks of that ggml type (src is then ignored), made
+    // float32 a chunk of rows at a time.
     bool set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
-                    size_t nbytes, bool may_borrow, DType target);
+                    size_t nbytes, bool may_borrow, DType target, int gguf_type = -1);
     // The stored bytes of a tensor (a matrix in its dtype, a norm or bias as f32), to write a
     // converted model; data is nullptr for an unknown or missing name, or the tied lm_head.
     struct TensorView {

@@ -78,3 +78,49 @@ def test_gguf_sampling_defaults_from_metadata(checkpoints, tmp_path):
     assert g["do_sample"] is True and g["top_k"] == 30
     assert abs(g["temperature"] - 0.6) < 1e-6 and abs(g["top_p"] - 0.9) < 1e-6
     assert abs(g["repetition_penalty"] - 1.1) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["q4", "q8", "bf16"])
+def test_gguf_blocks_converted_by_rows_as_whole(checkpoints, tmp_path, dtype):
+    """Block-format tensors reach set_tensor as their bytes and are made float32 256 rows at a time:
+    the result is the packing (or rounding) of the whole dequantized matrix."""
+    from qwen2rt import _core
+
+    model, folder = checkpoints("q32", False)
+    path = tmp_path / "m-Q5_0.gguf"
+    held = write_gguf(path, model, folder, "Q5_0")
+    m = qwen2rt.Model(path, dtype=dtype)
+    name = "model.embed_tokens.weight"  # vocab rows: several chunks, the last one short
+    W = held[name].astype(np.float32)
+    assert W.shape[0] > 256 and W.shape[0] % 256
+    got_dtype, got, _, _ = m._core.tensor_bytes(name)
+    assert got_dtype == dtype
+    if dtype == "bf16":
+        want = (np.ascontiguousarray(W).view(np.uint32) + 0x7FFF + ((W.view(np.uint32) >> 16) & 1)) >> 16
+        np.testing.assert_array_equal(got.view(np.uint16).ravel(), want.astype(np.uint16).ravel())
+    else:
+        np.testing.assert_array_equal(got.ravel(), _core.kernels.quantize_weights(dtype, W, 1).ravel())
+
+
+@pytest.mark.parametrize("dtype", ["q4", "f32"])
+def test_gguf_block_with_nan_scale_refused(checkpoints, tmp_path, dtype):
+    """A NaN block scale in a Q8_0 tensor: refused at load, naming the tensor and the first bad value."""
+    import re
+
+    from qwen2rt.gguf_io import GGUFFile
+
+    model, folder = checkpoints("q32", False)
+    path = tmp_path / "m-Q8_0.gguf"
+    write_gguf(path, model, folder, "Q8_0")
+    f = GGUFFile(path)
+    t = f.tensors["blk.1.ffn_up.weight"]
+    cols = t.numpy_shape[1]
+    start = f.data_start + t.offset + (300 % t.numpy_shape[0]) * (cols // 32) * 34 + 1 * 34  # a row's block 1
+    row = 300 % t.numpy_shape[0]
+    del f
+    raw = bytearray(path.read_bytes())
+    raw[start : start + 2] = b"\x00\x7e"  # f16 NaN
+    path.write_bytes(bytes(raw))
+    name = "model.layers.1.mlp.up_proj.weight"
+    with pytest.raises(qwen2rt.FormatError, match=re.escape(f"{name}' holds NaN or Inf (first at row {row}, column 32)")):
+        qwen2rt.Model(path, dtype=dtype)

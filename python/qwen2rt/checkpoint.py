@@ -310,13 +310,17 @@ class GGUFCheckpoint:
         return cfg
 
     def evict(self, name: str) -> None:
-        """GGUF tensors are converted into the core's own memory: nothing of the file stays mapped in use."""
+        """Drop a tensor's mapped pages from resident memory (see SafetensorsFile.evict)."""
+        self.file.evict(self.names[name])
 
     def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
-        """Block formats are dequantized in C++ on `threads` threads, one tensor at a time."""
+        """Block formats come as their bytes ("gguf:<type>"): set_tensor makes them float32 a chunk of
+        rows at a time, in C++; the rest as views of the file."""
         for hf, name in self.names.items():
-            array, kind = self.file.array(name, threads)
-            yield hf, array, kind, list(array.shape)
+            array, kind = self.file.array(name, threads, raw_blocks=True)
+            shape = list(self.file.tensors[name].numpy_shape)
+            yield hf, array, kind, shape
+            del array  # not held here while the next one is made
 
 
 def open_checkpoint(path: str) -> HFCheckpoint | GGUFCheckpoint:

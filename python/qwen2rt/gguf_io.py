@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import short_repr
 from .errors import FormatError, ModelNotFoundError, UnsupportedModelError
+from .safetensors_io import evict_pages
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4
@@ -248,11 +249,19 @@ class GGUFFile:
         t = self.tensors[name]
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=self.data_start + t.offset)
 
-    def array(self, name: str, threads: int = 1) -> tuple[np.ndarray, str]:
+    def evict(self, name: str) -> None:
+        """Drop a tensor's mapped pages from resident memory (safetensors_io.evict_pages)."""
+        t = self.tensors[name]
+        evict_pages(self._mm, self.data_start + t.offset, self.data_start + t.offset + t.nbytes)
+
+    def array(self, name: str, threads: int = 1, raw_blocks: bool = False) -> tuple[np.ndarray, str]:
         """(array, qwen2rt dtype) in row-major shape: F32, F16 and BF16 as views of the file
-        (BF16 as uint16 bits), block formats dequantized to float32 (in C++, on `threads` threads)."""
+        (BF16 as uint16 bits), block formats dequantized to float32 (in C++, on `threads` threads) or,
+        with raw_blocks, as their bytes with the dtype "gguf:<ggml type>" (Qwen2Model.set_tensor's)."""
         t = self.tensors[name]
         raw = self.raw(name)
+        if raw_blocks and t.type_id in _CORE_DEQUANT:
+            return raw, f"gguf:{t.type_id}"
         if t.type_name == "F32":
             return raw.view("<f4").reshape(t.numpy_shape), "f32"
         if t.type_name == "F16":

@@ -146,9 +146,11 @@ class Model:
                 borrowed = self._core.set_tensor(name, array, src, shape, dtype=target)
             except InvalidInputError as e:  # a tensor the config does not expect, or of the wrong shape
                 raise FormatError(f"{path}: {e}") from None
-            if borrowed and name == "model.embed_tokens.weight" and not self.config.tie_word_embeddings:
-                # Only the rows of the tokens seen are read from now on: after set_tensor's check has
-                # read the whole table, let the OS keep it in the page cache rather than in our RSS.
+            del array  # a dequantized GGUF tensor is float32: gone before the next one is made
+            # The file's pages of a tensor that was copied or converted are not read again; nor, but for
+            # the rows of the tokens seen, are those of an untied embedding (set_tensor's check read all
+            # of it). The OS keeps them in its page cache rather than in this process's RSS.
+            if not borrowed or (name == "model.embed_tokens.weight" and not self.config.tie_word_embeddings):
                 ckpt.evict(name)
         missing = self._core.missing_tensors()
         if missing:

@@ -133,17 +133,10 @@ class SafetensorsFile:
         return list(self.tensors)
 
     def evict(self, name: str) -> None:
-        """Drop the mapped pages of a tensor from this process's resident memory (they stay in the page
-        cache, and come back one page at a time when read). For a table that is only gathered from, such
-        as an untied embedding, after the load-time checks have read all of it."""
+        """Drop the mapped pages of a tensor from this process's resident memory (see evict_pages)."""
         t = self.tensors[name]
-        if self._mm is None or not hasattr(self._mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        begin = -(-(self.data_start + t.begin) // page) * page  # whole pages inside the tensor only
-        end = (self.data_start + t.end) // page * page
-        if end > begin:
-            self._mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        if self._mm is not None:
+            evict_pages(self._mm, self.data_start + t.begin, self.data_start + t.end)
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view of the mapped file (bf16 as uint16 bits)."""
@@ -156,3 +149,16 @@ class SafetensorsFile:
         if not a.flags.aligned:
             a = a.copy()  # C++ reads typed elements: give it naturally aligned memory
         return a
+
+
+def evict_pages(mm: mmap.mmap, begin: int, end: int) -> None:
+    """Drop the whole pages of a read-only file mapping that lie in [begin, end) from this process's
+    resident memory: they stay in the page cache and come back, one page at a time, if read again. For
+    tensors copied or converted at load, and tables only gathered from (an untied embedding)."""
+    if not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-begin // page) * page, end // page * page  # pages of other tensors are kept
+    if last > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+
