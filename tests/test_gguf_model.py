@@ -115,12 +115,13 @@ def test_gguf_block_with_nan_scale_refused(checkpoints, tmp_path, dtype):
     f = GGUFFile(path)
     t = f.tensors["blk.1.ffn_up.weight"]
     cols = t.numpy_shape[1]
-    start = f.data_start + t.offset + (300 % t.numpy_shape[0]) * (cols // 32) * 34 + 1 * 34  # a row's block 1
     row = 300 % t.numpy_shape[0]
+    start = f.data_start + t.offset + row * (cols // 32) * 34 + 34  # Q8_0: 34-byte blocks; the row's second
     del f
     raw = bytearray(path.read_bytes())
     raw[start : start + 2] = b"\x00\x7e"  # f16 NaN
     path.write_bytes(bytes(raw))
     name = "model.layers.1.mlp.up_proj.weight"
-    with pytest.raises(qwen2rt.FormatError, match=re.escape(f"{name}' holds NaN or Inf (first at row {row}, column 32)")):
+    problem = f"{name}' holds NaN or Inf (first at row {row}, column 32)"
+    with pytest.raises(qwen2rt.FormatError, match=re.escape(problem)):
         qwen2rt.Model(path, dtype=dtype)
