@@ -260,6 +260,12 @@ static inline void prefetch_rows(const KV* p, int n, int D) {
     for (size_t o = 0; o < size_t(n > 0 ? n : 0) * D * sizeof(KV); o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
 }
 
+// An empty asm that "changes" v, so that v is held in a register from here: integer running sums
+// stay running sums (gcc would regroup the adds of an unrolled block into a tree, keep every product
+// alive, and spill them), and a vector used twice is loaded once (gcc would fold the load into each use).
+static inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
+static inline void keep_in_register(__m256& v) { __asm__("" : "+x"(v)); }
+
 // [sum(a[0]), sum(a[1]), ..., sum(a[7])]: eight dot products finished with one transposing reduction.
 static inline __m256 hsum8(const __m256 a[8]) {
     const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -277,7 +283,8 @@ static inline void scores_2x4(const float* qa, const float* qb, const float* k, 
     for (int d = 0; d < D; d += 8) {
         const __m256 a = _mm256_loadu_ps(qa + d), b = _mm256_loadu_ps(qb + d);
         for (int j = 0; j < 4; j++) {
-            const __m256 kv = _mm256_loadu_ps(k + size_t(j) * D + d);
+            __m256 kv = _mm256_loadu_ps(k + size_t(j) * D + d);
+            keep_in_register(kv);  // loaded once for both heads (gcc would fold it into each FMA)
             acc[j] = _mm256_fmadd_ps(a, kv, acc[j]);
             acc[4 + j] = _mm256_fmadd_ps(b, kv, acc[4 + j]);
         }
@@ -318,7 +325,8 @@ static inline void accumulate_pv(const float* pa, const float* pb, const float* 
         for (int t = 0; t < nb; t++) {
             const __m256 p = _mm256_broadcast_ss(pa + t), p2 = _mm256_broadcast_ss(pb + t);
             for (int i = 0; i < R; i++) {
-                const __m256 vv = _mm256_loadu_ps(v + size_t(t) * D + 8 * i);
+                __m256 vv = _mm256_loadu_ps(v + size_t(t) * D + 8 * i);
+                keep_in_register(vv);
                 a[i] = _mm256_fmadd_ps(p, vv, a[i]);
                 b[i] = _mm256_fmadd_ps(p2, vv, b[i]);
             }
@@ -338,21 +346,28 @@ static void attention(const float* q, int G, int D, const KV* K, const KV* V, in
                       float* scratch, float* out) {
     if (D % 8 != 0) return attention_portable(q, G, D, K, V, n_keys, scale, scratch, out);
     const size_t ls = attention_score_stride(n_keys);
-    float* scores = scratch;             // [G, ls]
+    float* scores = scratch;                // [G, ls]
     float* buf = scratch + size_t(G) * ls;  // one block of rows as f32, then G softmax sums
     const __m256 vscale = _mm256_set1_ps(scale);
 
     // scores = scale * q K^T: heads in pairs against four keys at a time, an odd last head against eight
     for (int t0 = 0; t0 < n_keys; t0 += kAttnBlock) {
         const int nb = imin(kAttnBlock, n_keys - t0);
-        prefetch_rows(K + size_t(t0 + kAttnAhead) * D, imin(kAttnBlock, n_keys - t0 - kAttnAhead), D);
+        const int ahead = imin(kAttnBlock, n_keys - t0 - kAttnAhead);  // rows of the block to prefetch
+        if (G < 2) prefetch_rows(K + size_t(t0 + kAttnAhead) * D, ahead, D);
         const float* k = rows_f32(K + size_t(t0) * D, nb, D, buf);
         int g = 0;
         for (; g + 2 <= G; g += 2) {
             const float *qa = q + size_t(g) * D, *qb = qa + D;
             float *sa = scores + size_t(g) * ls + t0, *sb = sa + ls;
             int t = 0;
-            for (; t + 4 <= nb; t += 4) scores_2x4(qa, qb, k + size_t(t) * D, D, vscale, sa + t, sb + t);
+            for (; t + 4 <= nb; t += 4) {
+                // the first pair asks for the block ahead a few rows at a time, between its FMAs
+                // (a burst of 64 prefetches at once leaves some of them dropped)
+                if (g == 0) prefetch_rows(K + size_t(t0 + kAttnAhead + t) * D, imin(4, ahead - t), D);
+                scores_2x4(qa, qb, k + size_t(t) * D, D, vscale, sa + t, sb + t);
+            }
+            if (g == 0) prefetch_rows(K + size_t(t0 + kAttnAhead + t) * D, ahead - t, D);
             for (; t < nb; t++) {
                 sa[t] = score_1x1(qa, k + size_t(t) * D, D, scale);
                 sb[t] = score_1x1(qb, k + size_t(t) * D, D, scale);
@@ -373,9 +388,12 @@ static void attention(const float* q, int G, int D, const KV* K, const KV* V, in
     for (int i = 0; i < G * D; i++) out[i] = 0.f;
     for (int t0 = 0; t0 < n_keys; t0 += kAttnBlock) {
         const int nb = imin(kAttnBlock, n_keys - t0);
-        prefetch_rows(V + size_t(t0 + kAttnAhead) * D, imin(kAttnBlock, n_keys - t0 - kAttnAhead), D);
+        const int ahead = imin(kAttnBlock, n_keys - t0 - kAttnAhead);
+        const int per_pair = (ahead + (G + 1) / 2 - 1) / ((G + 1) / 2);  // rows ahead each pair prefetches
         const float* v = rows_f32(V + size_t(t0) * D, nb, D, buf);
         for (int g = 0; g < G; g += 2) {
+            const int r = g / 2 * per_pair;
+            prefetch_rows(V + size_t(t0 + kAttnAhead + r) * D, imin(per_pair, ahead - r), D);
             const bool pair = g + 1 < G;
             const float* pa = scores + size_t(g) * ls + t0;
             const float* pb = pair ? pa + ls : nullptr;
@@ -438,9 +456,6 @@ static void quantize_acts(const float* X, int ldx, int M, int K, int8_t* q, floa
     }
 }
 
-// An empty asm that "changes" v: the integer sums stay running sums in registers. Without it gcc
-// regroups the adds of an unrolled block into a tree, keeps every product alive, and spills them.
-static inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
 
 static inline __m256i bcast4(const int8_t* p) {
     int32_t v;
