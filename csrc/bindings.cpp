@@ -5,6 +5,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <chrono>
 #include <mutex>
 #include <thread>
@@ -523,12 +525,23 @@ PYBIND11_MODULE(_core, m) {
         const py::array kc = py::array::ensure(keys, py::array::c_style), vc = py::array::ensure(values, py::array::c_style);
         std::vector<float> scratch(attention_scratch_floats(G, T, D));
         py::array_t<float> out({G, D});
-        if (f16)
-            K.attention_f16(q.data(), G, D, static_cast<const uint16_t*>(kc.data()),
-                            static_cast<const uint16_t*>(vc.data()), T, scale, scratch.data(), out.mutable_data());
-        else
-            K.attention_f32(q.data(), G, D, static_cast<const float*>(kc.data()), static_cast<const float*>(vc.data()),
-                            T, scale, scratch.data(), out.mutable_data());
+        // K into key blocks as the cache holds it; the unused lanes of the last block are NaN, which
+        // must not reach the output
+        auto blocked = [&](auto* src, auto fill) {
+            std::vector<std::remove_const_t<std::remove_pointer_t<decltype(src)>>> kb(key_positions(T) * D, fill);
+            for (int t = 0; t < T; t++)
+                for (int d = 0; d < D; d++) kb[key_offset(t, d, D)] = src[size_t(t) * D + d];
+            return kb;
+        };
+        if (f16) {
+            const auto kb = blocked(static_cast<const uint16_t*>(kc.data()), uint16_t(0x7e00));
+            K.attention_f16(q.data(), G, D, kb.data(), static_cast<const uint16_t*>(vc.data()), T, scale,
+                            scratch.data(), out.mutable_data());
+        } else {
+            const auto kb = blocked(static_cast<const float*>(kc.data()), std::numeric_limits<float>::quiet_NaN());
+            K.attention_f32(q.data(), G, D, kb.data(), static_cast<const float*>(vc.data()), T, scale, scratch.data(),
+                            out.mutable_data());
+        }
         return out;
     });
 }

@@ -35,9 +35,11 @@ struct Kernels {
 
     // Attention at one query position for the G query heads that share one KV head:
     //   out[g] = softmax_t(scale * q[g].K[t]) . V[t],  t < n_keys
-    // q and out are G rows of head_dim; K and V are n_keys rows of head_dim (one KV head of the
-    // cache), f32 or IEEE f16. Each K and V row is read from memory once for all G heads. scratch
-    // holds attention_scratch_floats(G, n_keys, head_dim) floats.
+    // q and out are G rows of head_dim. K and V hold n_keys positions of one KV head of the cache,
+    // f32 or IEEE f16: V as rows of head_dim, K in blocks of kKeyBlock positions (key_offset; the
+    // last block may be part-filled, its other lanes are read but never used). Each K and V element
+    // is read from memory once for all G heads. scratch holds attention_scratch_floats(G, n_keys,
+    // head_dim) floats.
     void (*attention_f32)(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys,
                           float scale, float* scratch, float* out);
     void (*attention_f16)(const float* q, int G, int head_dim, const uint16_t* K, const uint16_t* V, int n_keys,
@@ -59,22 +61,31 @@ struct Kernels {
                       const float* bias, float* Y, int ldy, int n0, int n1);
 };
 
-// Keys are taken kAttnBlock at a time: an f16 block is widened to f32 once, into scratch, and then
-// read from L1 by each of the G heads.
+// The cache holds keys transposed in blocks of kKeyBlock positions: [t / 8][head_dim][t % 8]. The
+// scores of 8 positions are then one vector sum over head_dim of (q[d] broadcast) x (8 keys' d-th
+// element), with no horizontal reduction per score, and q[d] is loaded once for 16 keys.
+constexpr int kKeyBlock = 8;
+inline size_t key_offset(int t, int d, int head_dim) {
+    return (size_t(t / kKeyBlock) * size_t(head_dim) + size_t(d)) * kKeyBlock + size_t(t % kKeyBlock);
+}
+// Positions a cache of n positions allocates: whole key blocks.
+inline size_t key_positions(int n) { return (size_t(n) + kKeyBlock - 1) / kKeyBlock * kKeyBlock; }
+
+// Keys are taken kAttnBlock at a time (whole key blocks), each block of K, then of V, read from L1
+// by every group of heads.
 constexpr int kAttnBlock = 32;
 // The G rows of scores are this far apart: whole cache lines, plus one, so that rows of a long
 // context (n_keys a multiple of 1024) do not all fall into the same L1 sets.
 inline size_t attention_score_stride(int n_keys) { return (size_t(n_keys) + 15) / 16 * 16 + 16; }
-inline size_t attention_scratch_floats(int G, int n_keys, int head_dim) {
-    return size_t(G) * attention_score_stride(n_keys) + size_t(kAttnBlock) * size_t(head_dim) + size_t(G);
+inline size_t attention_scratch_floats(int G, int n_keys, int /*head_dim*/) {
+    return size_t(G) * attention_score_stride(n_keys) + size_t(G);
 }
 
 const Kernels* kernels_generic();
 #if defined(QWEN2RT_X86)
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
-// The AVX2 attention serves the AVX-512 table too: it is bound by reading the cache, and 8-lane
-// score reductions cost no more than 16-lane ones there.
+// The AVX2 attention serves the AVX-512 table too: at long contexts it is bound by reading the cache.
 namespace avx2 {
 void attention_f32(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,
                    float* scratch, float* out);

@@ -119,7 +119,7 @@ float* f32(const AlignedBuffer& b) { return b.as<float>(); }
 
 size_t KVCache::bytes_needed(int layers, int kv_heads, int head_dim, int max_context, DType dtype) {
     return checked_mul(checked_mul(checked_mul(checked_mul(size_t(layers), size_t(kv_heads)), size_t(head_dim)),
-                                   size_t(max_context)),
+                                   key_positions(max_context)),
                        2 * dtype_size(dtype));
 }
 
@@ -472,12 +472,14 @@ size_t Qwen2Model::weight_bytes() const {
 void Qwen2Model::store_kv(int seq, int layer, int head, int pos, const float* k, const float* v) {
     const int D = cfg_.head_dim;
     KVCache& cache = caches_[size_t(seq)];
+    // keys go into their key block (kernels.h), values are rows
     if (cache.dtype() == DType::F16) {
-        uint16_t* kc = cache.keys<uint16_t>(layer, head) + size_t(pos) * D;
+        uint16_t* kc = cache.keys<uint16_t>(layer, head);
         uint16_t* vc = cache.values<uint16_t>(layer, head) + size_t(pos) * D;
-        for (int i = 0; i < D; i++) kc[i] = f32_to_f16(k[i]), vc[i] = f32_to_f16(v[i]);
+        for (int i = 0; i < D; i++) kc[key_offset(pos, i, D)] = f32_to_f16(k[i]), vc[i] = f32_to_f16(v[i]);
     } else {
-        std::memcpy(cache.keys<float>(layer, head) + size_t(pos) * D, k, D * sizeof(float));
+        float* kc = cache.keys<float>(layer, head);
+        for (int i = 0; i < D; i++) kc[key_offset(pos, i, D)] = k[i];
         std::memcpy(cache.values<float>(layer, head) + size_t(pos) * D, v, D * sizeof(float));
     }
 }

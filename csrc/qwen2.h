@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace qwen2rt {
 
@@ -43,8 +44,9 @@ struct LayerWeights {
 };
 
 // Keys and values of every layer for max_context positions, allocated once (pages are only made
-// resident as positions are written). Layout [layer][kv_head][position][head_dim], so that the
-// attention for one KV head reads one contiguous block. Elements are f32 or IEEE f16: f16 halves
+// resident as positions are written). Layout [layer][kv_head][positions], so that the attention for
+// one KV head reads one contiguous block: values as rows [position][head_dim], keys in key blocks
+// (kernels.h), the positions rounded up to whole blocks. Elements are f32 or IEEE f16: f16 halves
 // what a long-context decode step reads (the keys and values themselves are computed in f32).
 class KVCache {
   public:
@@ -61,7 +63,7 @@ class KVCache {
 
   private:
     size_t offset(int layer, int head) const {
-        return (size_t(layer) * kv_heads_ + head) * size_t(max_context_) * head_dim_;
+        return (size_t(layer) * kv_heads_ + head) * key_positions(max_context_) * head_dim_;
     }
     int kv_heads_ = 0, head_dim_ = 0, max_context_ = 0;
     DType dtype_ = DType::F32;

@@ -99,9 +99,9 @@ def attention_ref(q, K, V, scale):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
-@pytest.mark.parametrize("G", [1, 2, 7])
+@pytest.mark.parametrize("G", [1, 2, 5, 7, 8, 13])
 @pytest.mark.parametrize("D", [6, 16, 24, 64, 128])
-@pytest.mark.parametrize("T", [1, 3, 17, 200])
+@pytest.mark.parametrize("T", [1, 3, 8, 16, 17, 40, 200])
 def test_attention(isa, kv, G, D, T):
     # K and V as the cache holds them (f32 or f16); the reference sees the same stored values
     q = (2 * rng.standard_normal((G, D))).astype(np.float32)
@@ -109,6 +109,21 @@ def test_attention(isa, kv, G, D, T):
     V = rng.standard_normal((T, D)).astype(kv)
     scale = 1 / np.sqrt(D)
     close(_core.kernels.attention(isa, q, K, V, scale), attention_ref(q, K, V, scale))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv", [np.float32, np.float16])
+@pytest.mark.parametrize("G", [1, 7])
+def test_attention_rising_scores(isa, kv, G):
+    # scores that climb block after block: the running max moves on every block, and what the first
+    # blocks added must be scaled down each time (to nothing, by the end)
+    D, T = 64, 300
+    u = np.zeros(D, np.float32)
+    u[3] = 1.0
+    K = (np.linspace(-4, 4, T)[:, None] * u + 0.01 * rng.standard_normal((T, D))).astype(kv)
+    V = rng.standard_normal((T, D)).astype(kv)
+    q = np.tile(u * 3, (G, 1)).astype(np.float32)
+    close(_core.kernels.attention(isa, q, K, V, 1.0), attention_ref(q, K, V, 1.0))
 
 
 @pytest.mark.parametrize("isa", ISAS)
