@@ -85,6 +85,29 @@ def test_tiny_tokenizer_is_deterministic_fast_and_small(tmp_path):
     assert sorted(os.listdir(tmp_path / "a")) == ["tokenizer.json", "tokenizer_config.json"]
 
 
+def test_saved_tokenizer_is_compact_and_equal(tok, hf, tmp_path):
+    """save_pretrained writes BPE merges as "a b" strings (lighter to parse than pairs), and the
+    folder loads back, in qwen2rt and in transformers, to a tokenizer that encodes alike."""
+    tok.save_pretrained(tmp_path)
+    with open(tmp_path / "tokenizer.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    merges = saved["model"]["merges"]
+    assert merges and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
+    back = Tokenizer.from_hf_folder(tmp_path)
+    text = "def f(x):\n    return x  # héllo 你好 <|im_start|>\r\n\t1234"
+    assert back.encode(text) == tok.encode(text) == hf.encode(text)
+    assert auto_tokenizer(tmp_path).encode(text) == hf.encode(text)
+
+
+def test_merges_with_a_space_stay_pairs():
+    from qwen2rt.tokenizer import _compact_tokenizer_json
+
+    data = {"model": {"type": "BPE", "vocab": {}, "merges": [["a", "b"], ["c d", "e"]]}}
+    assert json.loads(_compact_tokenizer_json(json.dumps(data)))["model"]["merges"] == [["a", "b"], ["c d", "e"]]
+    data["model"]["merges"] = [["a", "b"], ["ab", "é"]]
+    assert json.loads(_compact_tokenizer_json(json.dumps(data)))["model"]["merges"] == ["a b", "ab é"]
+
+
 def test_loaded_by_transformers_as_qwen2(hf, tiny_folder):
     assert type(hf).__name__ == "Qwen2Tokenizer"
     assert len(hf) == tiny_folder[1]
