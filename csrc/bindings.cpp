@@ -5,11 +5,11 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
-#include <limits>
-#include <type_traits>
 #include <chrono>
+#include <limits>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -22,6 +22,7 @@
 #include "cpu_features.h"
 #include "gguf_dequant.h"
 #include "kernels.h"
+#include "numeric.h"
 #include "quant.h"
 #include "qwen2.h"
 #include "sampling.h"
@@ -511,6 +512,52 @@ PYBIND11_MODULE(_core, m) {
         K.silu_mul(g.data(), u.data(), int(g.shape(0)), y.mutable_data());
         return y;
     });
+    k.def(
+        "attention_seconds",
+        [](const std::string& isa, int G, int D, int T, bool f16, int caches, int threads, int reps) {
+            // Seconds per decode step of `caches` (layer, KV head) attentions over T keys each, split
+            // over `threads` as the model splits KV heads, the caches laid out as the model's and
+            // filled with values in [-1, 1]: as many caches as a model has (layers x KV heads) put
+            // them in DRAM, one keeps it in cache. Best of reps.
+            const Kernels& K = kernels_or_throw(isa);
+            if (G < 1 || D < 1 || T < 1 || caches < 1 || threads < 1 || reps < 1 || G > 64 || D > 1024)
+                throw InvalidArgument("attention_seconds: G, D, T, caches, threads, reps >= 1 (G <= 64, D <= 1024)");
+            const size_t per = checked_mul(key_positions(T), size_t(D)), esz = f16 ? 2 : 4;
+            AlignedBuffer kc(checked_mul(checked_mul(per, size_t(caches)), esz));
+            AlignedBuffer vc(checked_mul(checked_mul(per, size_t(caches)), esz));
+            std::vector<float> q(size_t(G) * D);
+            uint32_t x = 12345;
+            auto next = [&x] { return (x = x * 1664525u + 1013904223u) / 2147483648.f - 1.f; };
+            for (float& v : q) v = next();
+            for (size_t i = 0; i < per * caches; i++) {
+                if (f16) kc.as<uint16_t>()[i] = f32_to_f16(next()), vc.as<uint16_t>()[i] = f32_to_f16(next());
+                else kc.as<float>()[i] = next(), vc.as<float>()[i] = next();
+            }
+            std::vector<std::vector<float>> scratch(size_t(threads), std::vector<float>(attention_scratch_floats(G, T, D)));
+            std::vector<std::vector<float>> out(size_t(threads), std::vector<float>(size_t(G) * D));
+            double best = 1e30;
+            py::gil_scoped_release nogil;
+            for (int r = 0; r < reps; r++) {
+                const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(threads)
+                {
+                    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+                    for (int c = tid; c < caches; c += nth) {
+                        const size_t o = size_t(c) * per;
+                        if (f16)
+                            K.attention_f16(q.data(), G, D, kc.as<uint16_t>() + o, vc.as<uint16_t>() + o, T, 0.125f,
+                                            scratch[size_t(tid)].data(), out[size_t(tid)].data());
+                        else
+                            K.attention_f32(q.data(), G, D, kc.as<float>() + o, vc.as<float>() + o, T, 0.125f,
+                                            scratch[size_t(tid)].data(), out[size_t(tid)].data());
+                    }
+                }
+                best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            }
+            return best;
+        },
+        py::arg("isa"), py::arg("G"), py::arg("D"), py::arg("T"), py::arg("f16") = true, py::arg("caches") = 1,
+        py::arg("threads") = 1, py::arg("reps") = 10);
     k.def("attention", [](const std::string& isa, F32Array q, py::array keys, py::array values, float scale) {
         // keys and values: float32, or float16 (held as the cache holds them)
         const Kernels& K = kernels_or_throw(isa);

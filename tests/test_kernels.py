@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import qwen2rt
 from qwen2rt import _core
 
 ISAS = _core.available_isas()
@@ -157,3 +158,11 @@ def test_unknown_isa_is_refused():
 
     with pytest.raises(qwen2rt.InvalidInputError, match="not available"):
         qwen2rt.set_isa("sse9")
+
+
+def test_attention_seconds_times_the_kernel():
+    # benchmarks/attention.py's timer: a positive time, and bad sizes refused before allocating
+    assert 0 < _core.kernels.attention_seconds(ISAS[-1], 7, 64, 40, True, 3, 2, 2) < 10
+    assert 0 < _core.kernels.attention_seconds("generic", 2, 6, 9, False, 1, 1, 1) < 10
+    with pytest.raises(qwen2rt.InvalidInputError, match="attention_seconds"):
+        _core.kernels.attention_seconds("generic", 0, 64, 40)
