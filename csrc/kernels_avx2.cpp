@@ -386,6 +386,12 @@ static float softmax_block(float* s, int nb, float& m, float& sum) {
     return c;
 }
 
+// x[0..n) *= c, n a multiple of 8
+static inline void scale_row(float* x, int n, float c) {
+    const __m256 vc = _mm256_set1_ps(c);
+    for (int i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vc));
+}
+
 // One pass over the keys, a block at a time (scores of every group, softmax with a running max, then
 // P V of every group): K and V stream from memory together, and the scores stay in L1.
 template <class KV>
@@ -411,24 +417,20 @@ static void attention(const float* q, int G, int D, const KV* K, const KV* V, in
 
     for (int t0 = 0; t0 < n_keys; t0 += kAttnBlock) {
         const int nb = imin(kAttnBlock, n_keys - t0), ahead = imin(kAttnBlock, n_keys - t0 - kAttnAhead);
-        // the first group asks for the K, then the V, of the block kAttnAhead keys on
+        // the first group asks for the block kAttnAhead keys on, its K over the scores' FMAs and its V
+        // over those of P V
         for (int i = 0; i < groups; i++)
             scores_fn[i](q + size_t(first[i]) * D, D, K + key_offset(t0, 0, D), nb, vscale, s + first[i] * ls, ls,
                          i == 0 ? K + size_t(t0 + kAttnAhead) * D : nullptr, ahead);
         for (int g = 0; g < G; g++) {
             const float c = softmax_block(s + g * ls, nb, m[g], sum[g]);
-            if (c != 1.f)
-                for (int d = 0; d < D; d += 8)
-                    _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(out + g * D + d), _mm256_set1_ps(c)));
+            if (c != 1.f) scale_row(out + size_t(g) * D, D, c);
         }
         for (int i = 0; i < groups; i++)
             pv_fn[i](s + first[i] * ls, ls, V + size_t(t0) * D, nb, D, out + size_t(first[i]) * D,
                      i == 0 ? V + size_t(t0 + kAttnAhead) * D : nullptr, ahead);
     }
-    for (int g = 0; g < G; g++) {
-        const __m256 r = _mm256_set1_ps(1.f / sum[g]);
-        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(out + g * D + d), r));
-    }
+    for (int g = 0; g < G; g++) scale_row(out + size_t(g) * D, D, 1.f / sum[g]);
 }
 
 // ---------------------------------------------------------------------------------------------
