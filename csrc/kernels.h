@@ -74,11 +74,9 @@ inline size_t key_positions(int n) { return (size_t(n) + kKeyBlock - 1) / kKeyBl
 // Keys are taken kAttnBlock at a time (whole key blocks), each block of K, then of V, read from L1
 // by every group of heads.
 constexpr int kAttnBlock = 32;
-// The G rows of scores are this far apart: whole cache lines, plus one, so that rows of a long
-// context (n_keys a multiple of 1024) do not all fall into the same L1 sets.
-inline size_t attention_score_stride(int n_keys) { return (size_t(n_keys) + 15) / 16 * 16 + 16; }
+// Scores: G rows of n_keys (the portable kernel's two passes), or of one block (the AVX2 pass).
 inline size_t attention_scratch_floats(int G, int n_keys, int /*head_dim*/) {
-    return size_t(G) * attention_score_stride(n_keys) + size_t(G);
+    return size_t(G) * size_t(n_keys > kAttnBlock ? n_keys : kAttnBlock);
 }
 
 const Kernels* kernels_generic();
