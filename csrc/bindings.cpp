@@ -546,10 +546,10 @@ PYBIND11_MODULE(_core, m) {
                         const size_t o = size_t(c) * per;
                         if (f16)
                             K.attention_f16(q.data(), G, D, kc.as<uint16_t>() + o, vc.as<uint16_t>() + o, T, 0.125f,
-                                            scratch[size_t(tid)].data(), out[size_t(tid)].data());
+                                            scratch[size_t(tid)].data(), out[size_t(tid)].data(), nullptr);
                         else
                             K.attention_f32(q.data(), G, D, kc.as<float>() + o, vc.as<float>() + o, T, 0.125f,
-                                            scratch[size_t(tid)].data(), out[size_t(tid)].data());
+                                            scratch[size_t(tid)].data(), out[size_t(tid)].data(), nullptr);
                     }
                 }
                 best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -558,8 +558,11 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("isa"), py::arg("G"), py::arg("D"), py::arg("T"), py::arg("f16") = true, py::arg("caches") = 1,
         py::arg("threads") = 1, py::arg("reps") = 10);
-    k.def("attention", [](const std::string& isa, F32Array q, py::array keys, py::array values, float scale) {
-        // keys and values: float32, or float16 (held as the cache holds them)
+    k.def(
+        "attention",
+        [](const std::string& isa, F32Array q, py::array keys, py::array values, float scale, bool return_lse) -> py::object {
+        // keys and values: float32, or float16 (held as the cache holds them); with return_lse, also
+        // each head's log-sum-exp of its scores
         const Kernels& K = kernels_or_throw(isa);
         const bool f16 = keys.dtype().is(py::dtype("float16"));
         if (f16 != values.dtype().is(py::dtype("float16")) || (!f16 && !keys.dtype().is(py::dtype::of<float>())) ||
@@ -572,6 +575,8 @@ PYBIND11_MODULE(_core, m) {
         const py::array kc = py::array::ensure(keys, py::array::c_style), vc = py::array::ensure(values, py::array::c_style);
         std::vector<float> scratch(attention_scratch_floats(G, T, D));
         py::array_t<float> out({G, D});
+        py::array_t<float> lse(G);
+        float* lse_p = return_lse ? lse.mutable_data() : nullptr;
         // K into key blocks as the cache holds it; the unused lanes of the last block are NaN, which
         // must not reach the output
         auto blocked = [&](auto* src, auto fill) {
@@ -583,12 +588,15 @@ PYBIND11_MODULE(_core, m) {
         if (f16) {
             const auto kb = blocked(static_cast<const uint16_t*>(kc.data()), uint16_t(0x7e00));
             K.attention_f16(q.data(), G, D, kb.data(), static_cast<const uint16_t*>(vc.data()), T, scale,
-                            scratch.data(), out.mutable_data());
+                            scratch.data(), out.mutable_data(), lse_p);
         } else {
             const auto kb = blocked(static_cast<const float*>(kc.data()), std::numeric_limits<float>::quiet_NaN());
             K.attention_f32(q.data(), G, D, kb.data(), static_cast<const float*>(vc.data()), T, scale, scratch.data(),
-                            out.mutable_data());
+                            out.mutable_data(), lse_p);
         }
-        return out;
-    });
+        if (return_lse) return py::make_tuple(out, lse);
+        return std::move(out);
+    },
+        py::arg("isa"), py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"),
+        py::arg("return_lse") = false);
 }

@@ -39,11 +39,12 @@ struct Kernels {
     // f32 or IEEE f16: V as rows of head_dim, K in blocks of kKeyBlock positions (key_offset; the
     // last block may be part-filled, its other lanes are read but never used). Each K and V element
     // is read from memory once for all G heads. scratch holds attention_scratch_floats(G, n_keys,
-    // head_dim) floats.
+    // head_dim) floats. If lse is not null, lse[g] = log(sum_t exp(scale * q[g].K[t])): outputs of
+    // disjoint key ranges then merge into the output over all of them (split-KV, qwen2.cpp).
     void (*attention_f32)(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys,
-                          float scale, float* scratch, float* out);
+                          float scale, float* scratch, float* out, float* lse);
     void (*attention_f16)(const float* q, int G, int head_dim, const uint16_t* K, const uint16_t* V, int n_keys,
-                          float scale, float* scratch, float* out);
+                          float scale, float* scratch, float* out, float* lse);
 
     // y[i] += x[i]
     void (*add)(float* y, const float* x, int n);
@@ -86,9 +87,9 @@ const Kernels* kernels_avx512();
 // The AVX2 attention serves the AVX-512 table too: at long contexts it is bound by reading the cache.
 namespace avx2 {
 void attention_f32(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,
-                   float* scratch, float* out);
+                   float* scratch, float* out, float* lse);
 void attention_f16(const float* q, int G, int head_dim, const uint16_t* K, const uint16_t* V, int n_keys,
-                   float scale, float* scratch, float* out);
+                   float scale, float* scratch, float* out, float* lse);
 }  // namespace avx2
 #endif
 

@@ -396,9 +396,9 @@ static inline void scale_row(float* x, int n, float c) {
 // P V of every group): K and V stream from memory together, and the scores stay in L1.
 template <class KV>
 static void attention(const float* q, int G, int D, const KV* K, const KV* V, int n_keys, float scale,
-                      float* scratch, float* out) {
+                      float* scratch, float* out, float* lse) {
     int groups = (G + kMaxGroupHeads - 1) / kMaxGroupHeads, first[kMaxGroups + 1];
-    if (D % 8 != 0 || groups > kMaxGroups) return attention_portable(q, G, D, K, V, n_keys, scale, scratch, out);
+    if (D % 8 != 0 || groups > kMaxGroups) return attention_portable(q, G, D, K, V, n_keys, scale, scratch, out, lse);
     // the groups, as even as can be (G = 7: 4 + 3), each with its kernels
     GroupScoresFn<KV> scores_fn[kMaxGroups];
     GroupPvFn<KV> pv_fn[kMaxGroups];
@@ -431,6 +431,8 @@ static void attention(const float* q, int G, int D, const KV* K, const KV* V, in
                      i == 0 ? V + size_t(t0 + kAttnAhead) * D : nullptr, ahead);
     }
     for (int g = 0; g < G; g++) scale_row(out + size_t(g) * D, D, 1.f / sum[g]);
+    if (lse)
+        for (int g = 0; g < G; g++) lse[g] = m[g] + logf(sum[g]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,12 +627,12 @@ static const Kernels table = {
 
 // Exported for the AVX-512 table (kernels.h).
 void avx2::attention_f32(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys,
-                         float scale, float* scratch, float* out) {
-    avx2::attention(q, G, head_dim, K, V, n_keys, scale, scratch, out);
+                         float scale, float* scratch, float* out, float* lse) {
+    avx2::attention(q, G, head_dim, K, V, n_keys, scale, scratch, out, lse);
 }
 void avx2::attention_f16(const float* q, int G, int head_dim, const uint16_t* K, const uint16_t* V, int n_keys,
-                         float scale, float* scratch, float* out) {
-    avx2::attention(q, G, head_dim, K, V, n_keys, scale, scratch, out);
+                         float scale, float* scratch, float* out, float* lse) {
+    avx2::attention(q, G, head_dim, K, V, n_keys, scale, scratch, out, lse);
 }
 
 const Kernels* kernels_avx2() { return &avx2::table; }

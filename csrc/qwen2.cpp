@@ -178,6 +178,9 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
     s_.act_q = AlignedBuffer(C * size_t(q_blocks(int(widest))) * kQBlock);
     s_.act_d = AlignedBuffer(C * size_t(q_blocks(int(widest))) * 4);
     s_.act_s = AlignedBuffer(C * size_t(q_blocks(int(widest))) * 4);
+    // split-KV parts: fewer items than threads, cut at most threads ways each, so under 2 x threads
+    // parts of G outputs and G log-sum-exps
+    s_.att_part = AlignedBuffer(checked_mul(size_t(2 * threads_) * group * (cfg.head_dim + 1), 4));
     s_.scores = AlignedBuffer(
         checked_mul(checked_mul(size_t(threads_), attention_scratch_floats(int(group), max_context, cfg.head_dim)), 4));
 }
@@ -564,6 +567,25 @@ void Qwen2Model::decode_batch(const int32_t* tokens, const int32_t* seqs, int n,
     for (int i = 0; i < n; i++) tokens_[size_t(seqs[i])].push_back(tokens[i]);
 }
 
+// Split-KV: how many key ranges each (KV head, row) item of an attention step is cut into. Only a
+// step with fewer items than threads (decode, on more threads than KV heads) and a long row is cut,
+// into ranges of at least kMinSplitKeys (fewer, shorter ones cost more to merge than they save).
+constexpr int kMinSplitKeys = 256;
+constexpr int kMaxKvSplits = 64;
+static int kv_splits(int items, int threads, const int32_t* pos, int n) {
+    if (items >= threads) return 1;
+    int longest = 0;
+    for (int t = 0; t < n; t++) longest = std::max(longest, int(pos[t]) + 1);
+    if (longest < 2 * kMinSplitKeys) return 1;
+    return std::min(kMaxKvSplits, (threads + items - 1) / items);
+}
+// The keys in one range of a row of nk keys cut `splits` ways: whole attention blocks (key_offset
+// needs a range to start a key block), and at least kMinSplitKeys.
+static int split_keys(int nk, int splits) {
+    const int len = (nk + splits - 1) / splits;
+    return std::max(kMinSplitKeys, (len + kAttnBlock - 1) / kAttnBlock * kAttnBlock);
+}
+
 void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const int32_t* pos, int n, float* logits,
                                bool all_logits, const std::function<bool()>& interrupted) {
     const Kernels& K = active_kernels();
@@ -634,18 +656,54 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             team.sync();
 
             // Causal grouped-query attention: row t sees positions 0..pos[t] of its sequence. One
-            // work item is a (KV head, row) pair and covers the G query heads that share the KV head.
+            // work item is a (KV head, row) pair and covers the G query heads that share the KV head;
+            // with split-KV, a range of that row's keys.
             float* scratch = f32(s_.scores) + size_t(team.tid) * attention_scratch_floats(G, max_context_, D);
-            for (int item = team.tid; item < c.num_kv_heads * n; item += team.nth) {
-                const int h = item % c.num_kv_heads, t = item / c.num_kv_heads;
-                const size_t off = size_t(t) * QD + size_t(h) * G * D;
+            auto attend = [&](int h, int t, int k0, int k1, float* out, float* lse) {
+                const float* qt = q + size_t(t) * QD + size_t(h) * G * D;
                 KVCache& cache = caches_[size_t(seq[t])];
                 if (cache.dtype() == DType::F16)
-                    K.attention_f16(q + off, G, D, cache.keys<uint16_t>(l, h), cache.values<uint16_t>(l, h), pos[t] + 1,
-                                    scale, scratch, att + off);
+                    K.attention_f16(qt, G, D, cache.keys<uint16_t>(l, h) + key_offset(k0, 0, D),
+                                    cache.values<uint16_t>(l, h) + size_t(k0) * D, k1 - k0, scale, scratch, out, lse);
                 else
-                    K.attention_f32(q + off, G, D, cache.keys<float>(l, h), cache.values<float>(l, h), pos[t] + 1, scale,
-                                    scratch, att + off);
+                    K.attention_f32(qt, G, D, cache.keys<float>(l, h) + key_offset(k0, 0, D),
+                                    cache.values<float>(l, h) + size_t(k0) * D, k1 - k0, scale, scratch, out, lse);
+            };
+            const int items = c.num_kv_heads * n, splits = kv_splits(items, team.nth, pos, n);
+            if (splits == 1) {
+                for (int item = team.tid; item < items; item += team.nth) {
+                    const int h = item % c.num_kv_heads, t = item / c.num_kv_heads;
+                    attend(h, t, 0, pos[t] + 1, att + size_t(t) * QD + size_t(h) * G * D, nullptr);
+                }
+            } else {
+                // Split-KV (a decode step on more threads than KV heads): item (h, t) becomes `splits`
+                // ranges of its keys, each range's output and log-sum-exp go to att_part, and then
+                // each (h, t) merges its ranges: out = sum_r exp(lse_r - lse) out_r.
+                float* part = f32(s_.att_part);
+                const size_t part_floats = size_t(G) * (D + 1);
+                for (int item = team.tid; item < items * splits; item += team.nth) {
+                    const int r = item % splits, h = item / splits % c.num_kv_heads, t = item / splits / c.num_kv_heads;
+                    const int nk = pos[t] + 1, len = split_keys(nk, splits), k0 = r * len;
+                    float* o = part + size_t(item) * part_floats;
+                    if (k0 < nk) attend(h, t, k0, std::min(nk, k0 + len), o, o + G * D);
+                }
+                team.sync();
+                for (int item = team.tid; item < items; item += team.nth) {
+                    const int h = item % c.num_kv_heads, t = item / c.num_kv_heads;
+                    const int nk = pos[t] + 1, len = split_keys(nk, splits), used = (nk + len - 1) / len;
+                    const float* p0 = part + size_t(item) * splits * part_floats;
+                    float* out = att + size_t(t) * QD + size_t(h) * G * D;
+                    for (int g = 0; g < G; g++) {
+                        float mx = -INFINITY, wsum = 0.f, wt[kMaxKvSplits];
+                        for (int r = 0; r < used; r++) mx = std::max(mx, p0[r * part_floats + G * D + g]);
+                        for (int r = 0; r < used; r++) wsum += wt[r] = std::exp(p0[r * part_floats + G * D + g] - mx);
+                        for (int d = 0; d < D; d++) {
+                            float acc = 0.f;
+                            for (int r = 0; r < used; r++) acc += wt[r] * p0[r * part_floats + g * D + d];
+                            out[g * D + d] = acc / wsum;
+                        }
+                    }
+                }
             }
             team.sync();
 

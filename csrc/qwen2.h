@@ -170,6 +170,7 @@ class Qwen2Model {
         AlignedBuffer rope;     // cos | sin per position [chunk, head_dim]
         AlignedBuffer act_q, act_d, act_s;  // a matmul input as int8 blocks (quant.h)
         AlignedBuffer scores;   // attention scratch      [threads, attention_scratch_floats]
+        AlignedBuffer att_part; // split-KV outputs and log-sum-exps of key ranges
     } s_;
 };
 

@@ -114,6 +114,29 @@ def test_attention(isa, kv, G, D, T):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
+@pytest.mark.parametrize("G,D", [(1, 16), (7, 64), (13, 24)])
+def test_attention_lse_merges_key_ranges(isa, kv, G, D):
+    # with return_lse the kernel gives each head's log-sum-exp of its scaled scores; the outputs of
+    # disjoint key ranges, weighted by exp(lse_r), merge into the output over all keys (split-KV)
+    T = 300
+    q = (2 * rng.standard_normal((G, D))).astype(np.float32)
+    K = (2 * rng.standard_normal((T, D))).astype(kv)
+    V = rng.standard_normal((T, D)).astype(kv)
+    scale = 1 / np.sqrt(D)
+    s = scale * (q.astype(np.float64) @ K.T.astype(np.float64))
+    out, lse = _core.kernels.attention(isa, q, K, V, scale, return_lse=True)
+    close(out, attention_ref(q, K, V, scale))
+    want_lse = s.max(1) + np.log(np.exp(s - s.max(1, keepdims=True)).sum(1))
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+    parts = [_core.kernels.attention(isa, q, K[a:b], V[a:b], scale, return_lse=True) for a, b in ((0, 96), (96, 160), (160, T))]
+    lses = np.stack([p[1] for p in parts]).astype(np.float64)
+    w = np.exp(lses - lses.max(0))
+    merged = sum(w[i][:, None] * parts[i][0] for i in range(3)) / w.sum(0)[:, None]
+    close(merged, attention_ref(q, K, V, scale))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv", [np.float32, np.float16])
 @pytest.mark.parametrize("G", [1, 7])
 def test_attention_rising_scores(isa, kv, G):
     # scores that climb block after block: the running max moves on every block, and what the first

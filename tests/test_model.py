@@ -141,3 +141,23 @@ def test_rewinding_start_pos_reuses_the_prefix(checkpoint):
     assert m.cache_len == 30
     m.reset()
     assert m.cache_len == 0
+
+
+@pytest.mark.parametrize("shape,threads", [("gqa", 2), ("gqa", 5), ("mha", 6)])
+def test_split_kv_decode_matches_transformers(tmp_path, isa, shape, threads):
+    """Decode at a long context on more threads than KV heads cuts each head's keys into ranges
+    (split-KV) and merges their outputs by log-sum-exp: the logits stay those of transformers and
+    of one thread (no split), with the f32 and the f16 cache."""
+    ref = make_checkpoint(tmp_path, shape=shape, layers=2, max_position_embeddings=2048)
+    rng = np.random.default_rng(13)
+    ids = rng.integers(0, ref.config.vocab_size, 1100).tolist()
+    want = reference_logits(ref, ids)
+    for kv in ("f32", "f16"):
+        rows = {}
+        for th in (1, threads):
+            m = qwen2rt.Model(tmp_path, dtype="f32", threads=th, max_context=1200, kv_dtype=kv)
+            m.forward(ids[:1090])
+            rows[th] = np.stack([m.forward([ids[i]], start_pos=i) for i in range(1090, 1100)])
+        tol = 1e-4 if kv == "f32" else 3e-3
+        assert rel_err(rows[threads], want[1090:]) < tol, (kv, rel_err(rows[threads], want[1090:]))
+        assert rel_err(rows[threads], rows[1]) < (1e-5 if kv == "f32" else 1e-4)
