@@ -402,7 +402,7 @@ def test_truncated_everywhere(raw, g, tmp_path):
                 qwen2rt.Model(path)
 
 
-# -- tokenizer metadata (read on first use) ----------------------------------------------------
+# -- tokenizer metadata (read at load; a bad one is reported at first use) ---------------------
 
 @pytest.mark.parametrize(
     "key, vtype, value, problem",
@@ -421,7 +421,7 @@ def test_bad_tokenizer_metadata(g, tmp_path, key, vtype, value, problem):
     g.set(key, vtype, value)
     path = tmp_path / "tok.gguf"
     path.write_bytes(g.encode())
-    m = qwen2rt.Model(path)  # the tokenizer is built on first use
+    m = qwen2rt.Model(path)  # the weights load; the tokenizer's error waits for its first use
     with pytest.raises(Qwen2rtError, match=re.escape(str(path)) + ".*(?:" + problem + ")"):
         m.tokenize("hi")
 

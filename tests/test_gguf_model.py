@@ -67,6 +67,24 @@ def test_gguf_tokenizer_and_generation(checkpoints, tmp_path):
     assert a.token_ids == b.token_ids and a.text == b.text
 
 
+def test_gguf_tokenizer_read_at_load_and_its_lists_dropped(checkpoints, tmp_path):
+    """A GGUF's weights are converted at load, so its tokenizer is read first (the parse's transient
+    heap then does not add to the weights' peak RSS); the token and merge lists go once it is read."""
+    from qwen2rt.checkpoint import open_checkpoint
+
+    model, folder = checkpoints("q32", False)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model, folder, "F32")
+    m = qwen2rt.Model(path, dtype="f32")
+    assert m._tokenizer is not None and m._load_tokenizer is None
+    ck = open_checkpoint(str(path))
+    assert isinstance(ck.file.metadata["tokenizer.ggml.tokens"], list)
+    tok = ck.load_tokenizer()
+    lists = [k for k, v in ck.file.metadata.items() if k.startswith("tokenizer.ggml.") and isinstance(v, list)]
+    assert lists == []
+    assert tok.encode("def f(x): return 2") == m.tokenize("def f(x): return 2")
+
+
 def test_gguf_sampling_defaults_from_metadata(checkpoints, tmp_path):
     """general.sampling.* keys (written by newer converters) become the generation defaults."""
     model, folder = checkpoints("q32", False)

@@ -128,7 +128,8 @@ def test_attention_lse_merges_key_ranges(isa, kv, G, D):
     close(out, attention_ref(q, K, V, scale))
     want_lse = s.max(1) + np.log(np.exp(s - s.max(1, keepdims=True)).sum(1))
     np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
-    parts = [_core.kernels.attention(isa, q, K[a:b], V[a:b], scale, return_lse=True) for a, b in ((0, 96), (96, 160), (160, T))]
+    ranges = ((0, 96), (96, 160), (160, T))
+    parts = [_core.kernels.attention(isa, q, K[a:b], V[a:b], scale, return_lse=True) for a, b in ranges]
     lses = np.stack([p[1] for p in parts]).astype(np.float64)
     w = np.exp(lses - lses.max(0))
     merged = sum(w[i][:, None] * parts[i][0] for i in range(3)) / w.sum(0)[:, None]

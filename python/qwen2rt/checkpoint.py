@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -220,6 +220,20 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
+def _gguf_tokenizer_loader(md: dict[str, Any], path: str) -> Callable[[], Tokenizer]:
+    """The GGUF tokenizer, built once from the metadata; the token, type and merge lists it was built
+    from (some 40 MB of Python strings for Qwen2's 151k tokens) are then dropped from the metadata."""
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    def load() -> Tokenizer:
+        tok = tokenizer_from_gguf(md, source=path)
+        for key in [k for k, v in md.items() if k.startswith("tokenizer.ggml.") and isinstance(v, list)]:
+            del md[key]
+        return tok
+
+    return load
+
+
 class GGUFCheckpoint:
     """A GGUF file (llama.cpp's format): config from the qwen2.* metadata, the tokenizer and chat
     template from tokenizer.* metadata, block-format weights dequantized to float32 at load."""
@@ -228,13 +242,12 @@ class GGUFCheckpoint:
 
     def __init__(self, path: str):
         from .gguf_io import GGUFFile
-        from .gguf_tokenizer import tokenizer_from_gguf
 
         self.path = path
         self.file = GGUFFile(path)
         md = self.file.metadata
         self.config = self._config(md)
-        self.load_tokenizer = lambda: tokenizer_from_gguf(md, source=path)  # on first use
+        self.load_tokenizer = _gguf_tokenizer_loader(md, path)
         # an eos id outside the vocabulary is reported by the tokenizer (gguf_tokenizer.py), which names the key
         eos = md.get("tokenizer.ggml.eos_token_id")
         eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) and 0 <= eos < 2**31 else []

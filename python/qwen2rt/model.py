@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class Model:
         self.path = path
         self.config: Qwen2Config = ckpt.config
         self.generation_config = {**registry_defaults, **ckpt.generation_config}
-        self._load_tokenizer = ckpt.load_tokenizer
+        self._load_tokenizer: Callable[[], Tokenizer] | None = ckpt.load_tokenizer
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_lock = threading.Lock()
         if ckpt.converted is not None:  # already quantized and laid out: mapped as it is
@@ -138,6 +138,8 @@ class Model:
             raise InvalidInputError(f"max_context must be an integer in 1..16777216, got {max_context!r}")
         self._check_memory(max_context, kv_dtype, threads)
 
+        if ckpt.converted is None:
+            self._parse_tokenizer_early()
         self._core = _core.Qwen2Model(self.config.core_dict(), dtype, threads, max_context, kv_dtype)
         policy = matrix_dtype_policy(dtype, dtype_overrides, self.config.tie_word_embeddings)
         for name, array, src, shape in ckpt.tensors(threads):
@@ -162,6 +164,15 @@ class Model:
         # is closed): the cache is one sequence, so a second thread is refused, never interleaved.
         self._busy = threading.Lock()
 
+    def _parse_tokenizer_early(self) -> None:
+        """Weights converted at load are resident at once; the tokenizer's parse (a transient heap of
+        60-100 MB for Qwen2's vocabulary and merges) then goes before them, so that its peak does not
+        add to theirs. A tokenizer that fails to parse raises at first use, as it would have."""
+        try:
+            _ = self.tokenizer
+        except Exception:  # raised again, at first use
+            pass
+
     def _claim(self) -> None:
         if not self._busy.acquire(blocking=False):
             raise ModelBusyError(
@@ -175,6 +186,7 @@ class Model:
         if self._tokenizer is None:
             with self._tokenizer_lock:
                 if self._tokenizer is None:
+                    assert self._load_tokenizer is not None  # dropped only once the tokenizer is here
                     tok = self._load_tokenizer()
                     if tok.vocab_size > self.config.vocab_size:
                         raise FormatError(
@@ -182,6 +194,7 @@ class Model:
                             f"vocab_size {self.config.vocab_size}"
                         )
                     self._tokenizer = tok
+                    self._load_tokenizer = None  # and what it was read from (a GGUF's metadata)
                     _core.release_free_memory()  # the parse's freed heap, ~100 MB for Qwen2's tokenizer
         return self._tokenizer
 
