@@ -182,7 +182,8 @@ class Model:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer, read on first use (parsing it takes longer than mapping the weights)."""
+        """The tokenizer: read at load when the weights are converted then (_parse_tokenizer_early),
+        else on first use (parsing it takes longer than mapping a converted model's weights)."""
         if self._tokenizer is None:
             with self._tokenizer_lock:
                 if self._tokenizer is None:
