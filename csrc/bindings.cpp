@@ -326,9 +326,11 @@ PYBIND11_MODULE(_core, m) {
                 py::array_t<uint8_t> a({py::ssize_t(v.nbytes)}, {py::ssize_t(1)},
                                        static_cast<const uint8_t*>(v.data), self);
                 py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-                return py::make_tuple(std::string(dtype_name(v.dtype)), a, v.rows, v.cols);
+                const std::string dtype =
+                    v.gguf_type >= 0 ? "gguf:" + std::to_string(v.gguf_type) : std::string(dtype_name(v.dtype));
+                return py::make_tuple(dtype, a, v.rows, v.cols);
             },
-            py::arg("name"), "(dtype, bytes, rows, cols) of a stored tensor, or None")
+            py::arg("name"), "(dtype, bytes, rows, cols) of a stored tensor, or None; dtype \"gguf:N\" for GGUF blocks")
         .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("start_pos"), py::arg("all_logits") = false,
              py::arg("seq") = 0)
         .def("decode_batch", &PyModel::decode_batch, py::arg("tokens"), py::arg("seqs"),

@@ -312,6 +312,12 @@ static size_t matrix_bytes(DType t, int rows, int cols) {
     return checked_mul(checked_mul(size_t(rows), size_t(cols)), dtype_size(t));
 }
 
+// Bytes of a stored matrix: packed, plain, or GGUF blocks (Matrix::gguf_type).
+static size_t stored_bytes(const Matrix& m) {
+    if (m.gguf_type >= 0) return checked_mul(gguf_dequant_src_bytes(m.gguf_type, m.cols), size_t(m.rows));
+    return matrix_bytes(m.dtype, m.rows, m.cols);
+}
+
 bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
                             size_t nbytes, bool may_borrow, DType target, int gguf_type) {
     int rows = 0, cols = 0, len = 0;
@@ -378,17 +384,23 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
         if (const int64_t bad = first_non_finite(data, src, need, threads_); bad >= 0)
             refuse_non_finite(bad, 0, is_quantized(src));
     }
+    // An untied embedding is only read a row per token: one in GGUF blocks stays in the caller's
+    // mapped file (its pages leave RSS but for the rows of the tokens seen), checked whole here.
+    const bool borrow_gguf = gguf && may_borrow && m == &embed_tokens_ && !cfg_.tie_word_embeddings;
     m->rows = rows;
     m->cols = cols;
-    m->dtype = target;
+    m->dtype = borrow_gguf ? DType::F32 : target;  // what embed() makes of a row
+    m->gguf_type = -1;
     const size_t align = is_quantized(target) ? 1 : dtype_size(target);
     if (!gguf && may_borrow && src == target && reinterpret_cast<uintptr_t>(data) % align == 0) {
         m->owned = AlignedBuffer();  // points into the caller's (mapped) memory: no copy
         m->data = data;
         return true;
     }
-    m->owned = AlignedBuffer(matrix_bytes(target, rows, cols), /*huge_pages=*/true);
-    m->data = m->owned.data();
+    if (!borrow_gguf) {
+        m->owned = AlignedBuffer(matrix_bytes(target, rows, cols), /*huge_pages=*/true);
+        m->data = m->owned.data();
+    }
     if (!by_rows) {
         convert(data, src, m->owned.data(), target, count, threads_);
         return false;
@@ -414,6 +426,7 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
         if (tmp.data()) f = tmp.as<float>();
         if (const int64_t bad = first_non_finite(f, DType::F32, values * 4, threads_); bad >= 0)
             refuse_non_finite(bad, size_t(r0) * size_t(cols), false);
+        if (borrow_gguf) continue;  // checked only
         auto* out = m->owned.as<uint8_t>();
         if (target == DType::Q8 || target == DType::Q4)
             (target == DType::Q8 ? quantize_q8 : quantize_q4)(f, n, cols, size_t(cols), out + size_t(r0 / kQRows) * group_bytes,
@@ -422,6 +435,12 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
             convert(f, DType::F32, out + size_t(r0) * size_t(cols) * dtype_size(target), target, values, threads_);
     }
     unset.m = nullptr;
+    if (borrow_gguf) {
+        m->owned = AlignedBuffer();
+        m->data = data;
+        m->gguf_type = gguf_type;
+        return true;
+    }
     return false;
 }
 
@@ -430,7 +449,7 @@ Qwen2Model::TensorView Qwen2Model::tensor_view(const std::string& name) {
     if (name == "lm_head.weight" && cfg_.tie_word_embeddings) return {DType::F32, nullptr, 0, 0, 0};
     if (Matrix* m = find_matrix(name, rows, cols)) {
         if (!m->data) return {m->dtype, nullptr, 0, rows, cols};
-        return {m->dtype, m->data, matrix_bytes(m->dtype, rows, cols), rows, cols};
+        return {m->dtype, m->data, stored_bytes(*m), rows, cols, m->gguf_type};
     }
     if (std::vector<float>* v = find_vector(name, len))
         return {DType::F32, v->empty() ? nullptr : v->data(), v->size() * 4, len, 0};
@@ -462,7 +481,7 @@ std::vector<std::string> Qwen2Model::missing_tensors() const {
 }
 
 size_t Qwen2Model::weight_bytes() const {
-    auto mb = [](const Matrix& m) { return m.data ? matrix_bytes(m.dtype, m.rows, m.cols) : size_t(0); };
+    auto mb = [](const Matrix& m) { return m.data ? stored_bytes(m) : size_t(0); };
     size_t total = mb(embed_tokens_) + mb(lm_head_) + norm_.size() * 4;
     for (const LayerWeights& L : layers_)
         total += mb(L.q_proj) + mb(L.k_proj) + mb(L.v_proj) + mb(L.o_proj) + mb(L.gate_proj) + mb(L.up_proj) +
@@ -490,6 +509,11 @@ void Qwen2Model::store_kv(int seq, int layer, int head, int pos, const float* k,
 void Qwen2Model::embed(int token, float* out) const {
     const size_t H = cfg_.hidden_size;
     const Matrix& E = embed_tokens_;
+    if (E.gguf_type >= 0) {  // GGUF blocks: the row is whole blocks (set_tensor checked the format)
+        const size_t row = gguf_dequant_src_bytes(E.gguf_type, E.cols);
+        dequantize_gguf(E.gguf_type, static_cast<const uint8_t*>(E.data) + size_t(token) * row, row, out, E.cols, 1);
+        return;
+    }
     switch (E.dtype) {
         case DType::F32:
             std::memcpy(out, static_cast<const float*>(E.data) + size_t(token) * H, H * 4);

@@ -32,6 +32,9 @@ struct Matrix {
     int rows = 0, cols = 0;
     const void* data = nullptr;
     AlignedBuffer owned;
+    // >= 0: the rows are GGUF blocks of this ggml type, borrowed from the mapped file. Only an untied
+    // embedding is held so: it is read a row per token, never multiplied (embed()).
+    int gguf_type = -1;
 };
 
 struct LayerWeights {
@@ -82,7 +85,8 @@ class Qwen2Model {
     // `may_borrow` and src == target, the model keeps pointing at `data` (the caller keeps it alive)
     // and returns true; otherwise it converts or quantizes into memory of its own and returns false.
     // With gguf_type >= 0, `data` holds GGUF blocks of that ggml type (src is then ignored), made
-    // float32 a chunk of rows at a time.
+    // float32 a chunk of rows at a time; an untied embedding in GGUF blocks is borrowed as it is
+    // when `may_borrow` (checked whole first), as llama.cpp reads its token rows from the file.
     bool set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
                     size_t nbytes, bool may_borrow, DType target, int gguf_type = -1);
     // The stored bytes of a tensor (a matrix in its dtype, a norm or bias as f32), to write a
@@ -92,6 +96,7 @@ class Qwen2Model {
         const void* data;
         size_t nbytes;
         int rows, cols;  // cols = 0 for a vector
+        int gguf_type = -1;  // >= 0: GGUF blocks of this ggml type (Matrix::gguf_type)
     };
     TensorView tensor_view(const std::string& name);
     // Names of the tensors still missing (empty when the model is ready).

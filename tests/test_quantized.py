@@ -234,3 +234,17 @@ def test_convert_cli_and_gguf_source(tmp_path):
     b = qwen2rt.Model(dst).forward(ids, all_logits=True)
     np.testing.assert_array_equal(a, b)
     assert qwen2rt.Model(dst).tokenize("hello 世界") == qwen2rt.Model(gguf).tokenize("hello 世界")
+    # the untied embedding is kept as the GGUF's Q8_0 blocks, which needs format version 2
+    p = dst / "model.safetensors"
+    md = json.loads(p.read_bytes()[8 : 8 + int.from_bytes(p.read_bytes()[:8], "little")])["__metadata__"]
+    assert md["qwen2rt_format_version"] == "2"
+    assert json.loads(md["qwen2rt_tensor_dtypes"])["model.embed_tokens.weight"] == "gguf:8"
+
+    def grow(h):  # one more row than the bytes hold
+        shapes = json.loads(h["__metadata__"]["qwen2rt_shapes"])
+        shapes["model.embed_tokens.weight"][0] += 1
+        h["__metadata__"]["qwen2rt_shapes"] = json.dumps(shapes)
+
+    edit_safetensors_header(p, grow)
+    with pytest.raises(FormatError, match="embed_tokens.*holds .* bytes, its shape .* as gguf:8 needs"):
+        qwen2rt.Model(dst)

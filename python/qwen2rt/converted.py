@@ -2,7 +2,8 @@
 
 `qwen2rt convert SRC DST --dtype q4` writes a folder:
 
-    DST/model.safetensors         packed matrices as U8 tensors (quant.h layouts), norms/biases as F32
+    DST/model.safetensors         packed matrices as U8 tensors (quant.h layouts), norms/biases as F32;
+                                  an untied embedding from a GGUF file as its GGUF blocks (U8, "gguf:N")
     DST/config.json               the Qwen2 config (Hugging Face keys)
     DST/generation_config.json    eos ids and sampling defaults
     DST/tokenizer.json, tokenizer_config.json
@@ -27,16 +28,36 @@ from .config import short_repr
 from .errors import FormatError, InvalidInputError, UnsupportedModelError
 
 FORMAT_NAME = "qwen2rt"
-FORMAT_VERSION = 1
+# 2: an untied embedding may be GGUF blocks (dtype "gguf:<ggml type>"). A file is written with the
+# lowest version that reads it, so that a qwen2rt reading version 1 still reads the others.
+FORMAT_VERSION = 2
 ALIGN = 64  # the data section starts on a 64-byte boundary
 
 
 MATRIX_DTYPES = ("bf16", "f32", "q8", "q4")  # model.WEIGHT_DTYPES
+GGUF_EMBEDDING = "model.embed_tokens.weight"  # the one tensor that may be GGUF blocks
+
+
+def gguf_block_type(dtype: str) -> int | None:
+    """N of a "gguf:N" dtype whose blocks the C++ core reads (gguf_io's core formats), else None."""
+    from .gguf_io import _CORE_DEQUANT
+
+    if not isinstance(dtype, str) or not dtype.startswith("gguf:") or not dtype[5:].isdigit():
+        return None
+    n = int(dtype[5:])
+    return n if n in _CORE_DEQUANT else None
 
 
 def packed_bytes(dtype: str, shape: list[int]) -> int:
     """Bytes of a tensor in the C++ layout (csrc/quant.h): q8/q4 matrices in groups of 16 rows by
-    blocks of 32 columns, 32 bytes of f16 scales then 512 (q8) or 256 (q4) bytes of values a block."""
+    blocks of 32 columns, 32 bytes of f16 scales then 512 (q8) or 256 (q4) bytes of values a block;
+    GGUF blocks row by row (each row whole blocks, else -1: no size fits)."""
+    if (ggml := gguf_block_type(dtype)) is not None:
+        from .gguf_io import GGML_TYPES
+
+        _, block, nbytes = GGML_TYPES[ggml]
+        rows, cols = shape
+        return rows * (cols // block) * nbytes if cols % block == 0 else -1
     if dtype in ("q8", "q4"):
         rows, cols = shape
         return -(-rows // 16) * -(-cols // 32) * (32 + (512 if dtype == "q8" else 256))
@@ -84,7 +105,7 @@ class ConvertedWeights:
             if name not in self.dtypes or name not in self.shapes:
                 raise FormatError(f"{path}: tensor {name!r} has no dtype or shape in the qwen2rt metadata")
             dtype, shape = self.dtypes[name], self.shapes[name]
-            if dtype not in MATRIX_DTYPES:
+            if dtype not in MATRIX_DTYPES and not (name == GGUF_EMBEDDING and gguf_block_type(dtype) is not None):
                 raise FormatError(f"{path}: tensor {name!r} has qwen2rt dtype {short_repr(dtype)}")
             if (
                 not isinstance(shape, list)
@@ -103,7 +124,7 @@ class ConvertedWeights:
     def tensors(self) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
         for name, info in self.file.tensors.items():
             dtype = self.dtypes[name]
-            expect = "U8" if dtype in ("q8", "q4", "bf16") else "F32"
+            expect = "F32" if dtype == "f32" else "U8"
             if info.dtype != expect:
                 raise FormatError(
                     f"{self.file.path}: tensor {name!r} is {info.dtype}, its qwen2rt dtype {dtype} needs {expect}"
@@ -177,13 +198,14 @@ def convert(
     header: dict[str, Any] = {}
     tensor_dtypes, shapes, blobs = {}, {}, []
     offset = 0
-    # packed matrices first (sizes are multiples of 32 bytes), then the small f32 vectors
+    # packed matrices first (sizes are multiples of 32 bytes), then the small f32 vectors, then GGUF
+    # blocks (read a row at a time, at any alignment)
     views = []
     for name in names:
         v = core.tensor_bytes(name)
         if v is not None:
             views.append((name,) + tuple(v))
-    views.sort(key=lambda v: v[1] == "f32" and v[4] == 0)
+    views.sort(key=lambda v: (v[1].startswith("gguf:"), v[1] == "f32" and v[4] == 0))
     for name, kind, data, rows, cols in views:
         tensor_dtypes[name] = kind
         shapes[name] = [rows, cols] if cols else [rows]
@@ -194,7 +216,7 @@ def convert(
         offset += data.size
     header["__metadata__"] = {
         "format": FORMAT_NAME,
-        "qwen2rt_format_version": str(FORMAT_VERSION),
+        "qwen2rt_format_version": str(2 if any(k.startswith("gguf:") for k in tensor_dtypes.values()) else 1),
         "qwen2rt_dtype": dtype,
         "qwen2rt_tensor_dtypes": json.dumps(tensor_dtypes),
         "qwen2rt_shapes": json.dumps(shapes),

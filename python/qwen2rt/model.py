@@ -143,7 +143,8 @@ class Model:
         self._core = _core.Qwen2Model(self.config.core_dict(), dtype, threads, max_context, kv_dtype)
         policy = matrix_dtype_policy(dtype, dtype_overrides, self.config.tie_word_embeddings)
         for name, array, src, shape in ckpt.tensors(threads):
-            target = src if ckpt.converted is not None and src != "f32" else policy(name)
+            # a converted model's matrices are stored as they are held (a GGUF embedding: as blocks)
+            target = src if ckpt.converted is not None and src in WEIGHT_DTYPES and src != "f32" else policy(name)
             try:
                 borrowed = self._core.set_tensor(name, array, src, shape, dtype=target)
             except InvalidInputError as e:  # a tensor the config does not expect, or of the wrong shape
