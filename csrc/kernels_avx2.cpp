@@ -63,19 +63,6 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
 }
 
-// Step i of a loop that asks for the bytes [i * step, (i + 1) * step) of a region, a line at a time:
-// a burst of prefetches at once overruns the miss buffers and most are dropped, so the requests for
-// a block further on are spread over the FMAs of this one.
-template <size_t kStep>
-static inline void prefetch_step(const char* base, int i) {
-    const size_t o = size_t(i) * kStep;
-    if (kStep >= 64) {
-        for (size_t b = 0; b < kStep; b += 64) _mm_prefetch(base + o + b, _MM_HINT_T0);
-    } else if (o % 64 < kStep) {
-        _mm_prefetch(base + o, _MM_HINT_T0);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // matmul: MR x NR register tile of dot products, as in kernels_avx512.cpp; the K tail (K % 8) is
 // finished in scalar code.

@@ -51,18 +51,6 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// Step i of a loop that asks for the bytes [i * step, (i + 1) * step) of a region, a line at a time
-// (as kernels_avx2.cpp's): a decode tile asks for the next tile, as many bytes a step as it reads.
-template <size_t kStep>
-static inline void prefetch_step(const char* base, int i) {
-    const size_t o = size_t(i) * kStep;
-    if (kStep >= 64) {
-        for (size_t b = 0; b < kStep; b += 64) _mm_prefetch(base + o + b, _MM_HINT_T0);
-    } else if (o % 64 < kStep) {
-        _mm_prefetch(base + o, _MM_HINT_T0);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // matmul: an MR x NR register tile of dot products. Each step loads NR weight vectors and MR token
 // vectors and does MR*NR FMAs; the accumulators are reduced once at the end of K.
