@@ -84,7 +84,7 @@ const Kernels* kernels_generic();
 #if defined(QWEN2RT_X86)
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
-// The AVX2 attention serves the AVX-512 table too: at long contexts it is bound by reading the cache.
+// The AVX-512 attention hands head sizes other than 64 and 128 to the AVX2 one.
 namespace avx2 {
 void attention_f32(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,
                    float* scratch, float* out, float* lse);

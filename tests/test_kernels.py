@@ -100,7 +100,7 @@ def attention_ref(q, K, V, scale):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
-@pytest.mark.parametrize("G", [1, 2, 5, 7, 8, 13])
+@pytest.mark.parametrize("G", [1, 2, 5, 7, 8, 13, 17])
 @pytest.mark.parametrize("D", [6, 16, 24, 64, 128])
 @pytest.mark.parametrize("T", [1, 3, 8, 16, 17, 40, 200])
 def test_attention(isa, kv, G, D, T):
