@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -278,6 +279,35 @@ def available_engines() -> list[str]:
     return out
 
 
+def engine_builds(engines: list[str]) -> dict[str, str]:
+    """How each compared engine was built, as far as it says: how llama.cpp was built decides its
+    speed (its CPU features, and the compiler of its CPU backend, from the library's .comment)."""
+    from qwen2rt import system_info
+
+    info = system_info()
+    out = {"qwen2rt": f"{info['version']}, kernels {info['isa']}"}
+    if any(e.startswith("llama-") for e in engines):
+        import llama_cpp
+
+        feats = llama_cpp.llama_print_system_info().decode(errors="replace")
+        on = [kv.split("=")[0].split(":")[-1].strip() for kv in feats.split("|") if kv.strip().endswith("= 1")]
+        compiler = "compiler unknown"
+        lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+        for name in sorted(os.listdir(lib)) if os.path.isdir(lib) else []:
+            if name.startswith("libggml-cpu") and name.endswith(".so"):
+                with open(os.path.join(lib, name), "rb") as f:
+                    blob = f.read()
+                m = re.search(rb"(GCC: \([^)]*\) [0-9.]+|clang version [0-9.]+)", blob)
+                compiler = m.group(1).decode() if m else compiler
+                break
+        out["llama.cpp"] = f"llama-cpp-python {llama_cpp.__version__}, {compiler}, CPU features {' '.join(on)}"
+    if any(e.startswith("torch-") for e in engines):
+        import torch
+
+        out["torch"] = f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    return out
+
+
 def read_bandwidth(threads: int, gib: float = 1.0) -> float:
     """Bytes/s of reading a 1 GiB buffer with `threads` threads (qwen2rt's C++ helper)."""
     from qwen2rt import _core
@@ -329,6 +359,10 @@ def main() -> None:
     bw = bws[0]
     print(f"model {gguf}\nthreads {a.threads}, {system_info()['isa']}; read bandwidth {bw / 1e9:.1f} GB/s; "
           f"{per_token / 1e6:.0f} M weights read per decoded token", file=sys.stderr)
+
+    builds = engine_builds(engines)
+    for k, v in builds.items():
+        print(f"{k}: {v}", file=sys.stderr)
 
     for e in engines:  # converted models are made here, so that no child's load time or RSS includes it
         if e.startswith("qwen2rt-") and e.endswith("c"):
@@ -415,7 +449,7 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump({"model": gguf, "threads": a.threads, "bandwidth_Bps": bw, "bandwidth_samples_Bps": bws,
                        "weights_per_token": per_token,
-                       "system": system_info(), "rows": rows, "raw": results}, f, indent=2)
+                       "system": system_info(), "builds": builds, "rows": rows, "raw": results}, f, indent=2)
     if a.png:
         try:
             import matplotlib
