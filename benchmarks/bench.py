@@ -291,7 +291,7 @@ def engine_builds(engines: list[str]) -> dict[str, str]:
 
         feats = llama_cpp.llama_print_system_info().decode(errors="replace")
         on = [kv.split("=")[0].split(":")[-1].strip() for kv in feats.split("|") if kv.strip().endswith("= 1")]
-        compiler = "compiler unknown"
+        compiler = "compiler not recorded in the library"
         lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
         for name in sorted(os.listdir(lib)) if os.path.isdir(lib) else []:
             if name.startswith("libggml-cpu") and name.endswith(".so"):
