@@ -375,21 +375,15 @@ static void group_fns(int H, int D, GroupScoresFn<KV>& scores, GroupPvFn<KV>& pv
     group_fns_for_d<0, KV>(H, scores, pv);
 }
 
-// 2^x for x <= 0 (a base-2 score less the running max): 2^n built in the exponent bits, 2^r for
-// |r| <= 1/2 by its Taylor series to r^6 (relative error 1.2e-7, about f32's rounding). Half the
-// instructions of exp256: no ln 2 to take apart, and no overflow to guard. Below -126 it gives 2^-126.
-constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+// 2^x for x <= 0 (a base-2 score less the running max): 2^n built in the exponent bits, 2^r by its
+// Taylor series (kExp2Taylor, numeric.h). Half the instructions of exp256: no ln 2 to take apart, and
+// no overflow to guard. Below -126 it gives 2^-126.
 static inline __m256 exp2_nonpositive(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
     const __m256i n = _mm256_cvtps_epi32(x);  // nearest
     const __m256 r = _mm256_sub_ps(x, _mm256_cvtepi32_ps(n));
-    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);  // ln2^k / k!
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3333558146428443e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.6181291076284772e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.5504108664821580e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022650695910071e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314718055994531e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256 p = _mm256_set1_ps(kExp2Taylor[0]);
+    for (int k = 1; k < 7; k++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2Taylor[k]));
     return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23)));
 }
 

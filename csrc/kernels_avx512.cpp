@@ -390,20 +390,14 @@ static inline __m512 load_values16(const uint16_t* v) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
 }
 
-// 2^x for x <= 0, as the AVX2 kernel's exp2_nonpositive (Taylor series of 2^r to r^6 for |r| <= 1/2),
-// with vscalef putting in the 2^n.
-constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+// 2^x for x <= 0, as the AVX2 kernel's exp2_nonpositive (kExp2Taylor, numeric.h), with vscalef
+// putting in the 2^n.
 static inline __m512 exp2_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^k / k!
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    __m512 p = _mm512_set1_ps(kExp2Taylor[0]);
+    for (int k = 1; k < 7; k++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Taylor[k]));
     return _mm512_scalef_ps(p, n);
 }
 

@@ -63,4 +63,11 @@ static inline uint16_t f32_to_f16(float f) {
 // float's integer part. Unlike nearbyint (a library call without SSE4.1) it vectorises.
 static inline float round_even(float v) { return (v + 12582912.f) - 12582912.f; }
 
+// The attention kernels' softmax in base 2: scores scaled by log2(e), 2^x for x <= 0 as 2^n 2^r with
+// r in [-1/2, 1/2] and 2^r by its Taylor series to r^6 (relative error 1.2e-7, about f32's rounding),
+// Horner coefficients ln2^k / k! from k = 6 down to 0.
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+constexpr float kExp2Taylor[7] = {1.5403530393381606e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+                                  5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.f};
+
 }  // namespace qwen2rt
