@@ -354,7 +354,7 @@ def main() -> None:
     contexts = [int(x) for x in a.contexts.split(",") if x]
     batches = [int(x) for x in a.batches.split(",") if x]
     per_token = weights_read_per_token(cfg)
-    # measured again after every round: the host is shared, and its best figure is what the machine can do
+    # measured again after every engine: the host is shared, and its best figure is what the machine can do
     bws = [read_bandwidth(a.threads)]
     bw = bws[0]
     print(f"model {gguf}\nthreads {a.threads}, {system_info()['isa']}; read bandwidth {bw / 1e9:.1f} GB/s; "
@@ -380,9 +380,9 @@ def main() -> None:
                 print(f"round {r + 1} {e}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
                 continue
             results[e].append(json.loads(line[7:]))
-            print(f"round {r + 1} {e}: done", file=sys.stderr)
-        bws.append(read_bandwidth(a.threads))
-        print(f"round {r + 1}: read bandwidth {bws[-1] / 1e9:.1f} GB/s", file=sys.stderr)
+            # after every engine: the host's bandwidth comes and goes with its other tenants
+            bws.append(read_bandwidth(a.threads))
+            print(f"round {r + 1} {e}: done; read bandwidth {bws[-1] / 1e9:.1f} GB/s", file=sys.stderr)
     bw = max(bws)
 
     rows = {}
@@ -442,7 +442,7 @@ def main() -> None:
     for r in rows.values():
         print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
     print(f"\nread bandwidth {bw / 1e9:.1f} GB/s with {a.threads} threads (the best of "
-          f"{', '.join(f'{b / 1e9:.1f}' for b in bws)}, measured before and after each round); "
+          f"{', '.join(f'{b / 1e9:.1f}' for b in bws)}, measured before the rounds and after each engine); "
           f"vs_llama_decode compares with llama.cpp "
           f"at the same bits per weight (else its fastest); vs_best_prefill with the fastest of llama.cpp and PyTorch.")
     if a.json:

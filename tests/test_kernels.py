@@ -184,6 +184,12 @@ def test_unknown_isa_is_refused():
         qwen2rt.set_isa("sse9")
 
 
+def test_read_bandwidth_reads_any_size():
+    # bench.py's roofline: bytes per second, for a size that is not a whole number of read blocks too
+    assert _core.read_bandwidth(1 << 22, 2, 1) > 1e8
+    assert _core.read_bandwidth((1 << 20) + 40, 1, 1) > 1e8
+
+
 def test_attention_seconds_times_the_kernel():
     # benchmarks/attention.py's timer: a positive time, and bad sizes refused before allocating
     assert 0 < _core.kernels.attention_seconds(ISAS[-1], 7, 64, 40, True, 3, 2, 2) < 10
