@@ -75,6 +75,12 @@ inline size_t key_positions(int n) { return (size_t(n) + kKeyBlock - 1) / kKeyBl
 // Keys are taken kAttnBlock at a time (whole key blocks), each block of K, then of V, read from L1
 // by every group of heads.
 constexpr int kAttnBlock = 32;
+// The SIMD kernels ask for the block of a long context two blocks ahead, into L2, while they compute
+// this one. On Zen 4, from DRAM, one step of Qwen2.5-0.5B's attention at 8k on one core
+// (benchmarks/attention.py less its threads): L2 at 1, 2 or 4 blocks 1.1-1.2x the time with the cache
+// in L1; L1 at 1 block 1.2x, at 2 blocks 1.4x (prefetched lines evicted before use); none 1.6x. On
+// Zen 3, one block ahead was too close for L1: the first loads of a block waited.
+constexpr int kAttnAhead = 2 * kAttnBlock;
 // Scores: G rows of n_keys (the portable kernel's two passes), or of one block (the AVX2 pass).
 inline size_t attention_scratch_floats(int G, int n_keys, int /*head_dim*/) {
     return size_t(G) * size_t(n_keys > kAttnBlock ? n_keys : kAttnBlock);

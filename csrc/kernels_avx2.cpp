@@ -233,12 +233,6 @@ static inline __m256 load_kv(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// A block of a long context two blocks ahead comes from memory into L2 while this one is computed.
-// On Zen 4, from DRAM, one step of Qwen2.5-0.5B's attention at 8k on one core (benchmarks/attention.py
-// less its threads): L2 at 1, 2 or 4 blocks 1.1-1.2x the time with the cache in L1; L1 at 1 block
-// 1.2x, at 2 blocks 1.4x (prefetched lines evicted before use); none 1.6x. On Zen 3, one block ahead
-// was too close for L1: the first loads of a block waited.
-constexpr int kAttnAhead = 2 * kAttnBlock;
 
 // An empty asm that "changes" v, so that v is held in a register from here: integer running sums
 // stay running sums (gcc would regroup the adds of an unrolled block into a tree, keep every product

@@ -382,7 +382,6 @@ static void matmul_q4(const int8_t* xq, const float* xd, const int32_t* xs, int 
 
 constexpr int kAttnHeads = 8;            // 2 x 8 score or output accumulators, 2 K or V vectors
 constexpr int kAttnGroups = 8;           // more heads per KV head than 64 go to the AVX2 kernel
-constexpr int kAttnAhead = 2 * kAttnBlock;  // as the AVX2 kernel: two blocks ahead, into L2
 static_assert(kAttnBlock == 32 && kKeyBlock == 8, "a block is two vectors of 16 keys, of two key blocks each");
 
 // The d-th element of 16 keys: key blocks b and b+1 (kernels.h), kb pointing at block b's d-th row.
