@@ -318,6 +318,17 @@ static size_t stored_bytes(const Matrix& m) {
     return matrix_bytes(m.dtype, m.rows, m.cols);
 }
 
+uint8_t* WeightArena::take(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (blocks_.empty() || used_ + bytes > kBlock) {
+        blocks_.emplace_back(kBlock, /*huge_pages=*/true);
+        used_ = 0;
+    }
+    uint8_t* p = blocks_.back().as<uint8_t>() + used_;
+    used_ += bytes;
+    return p;
+}
+
 bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src, const std::vector<int64_t>& shape,
                             size_t nbytes, bool may_borrow, DType target, int gguf_type) {
     int rows = 0, cols = 0, len = 0;
@@ -397,12 +408,22 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
         m->data = data;
         return true;
     }
+    uint8_t* dst = nullptr;  // where the matrix is made
     if (!borrow_gguf) {
-        m->owned = AlignedBuffer(matrix_bytes(target, rows, cols), /*huge_pages=*/true);
-        m->data = m->owned.data();
+        const size_t bytes = matrix_bytes(target, rows, cols);
+        m->owned = AlignedBuffer();
+        if (bytes >= WeightArena::kBlock / 2) {
+            m->owned = AlignedBuffer(bytes, /*huge_pages=*/true);
+            dst = m->owned.as<uint8_t>();
+        } else {
+            if (m->room_bytes < bytes) m->room = arena_.take(bytes), m->room_bytes = bytes;
+            dst = m->room;
+        }
+        m->data = dst;
     }
     if (!by_rows) {
-        convert(data, src, m->owned.data(), target, count, threads_);
+        if (src == target) std::memcpy(dst, data, need);  // packed q8/q4 included: bytes, not elements
+        else convert(data, src, dst, target, count, threads_);
         return false;
     }
     constexpr int kChunkRows = 256;  // a multiple of kQRows: chunks start on a packed row group
@@ -413,7 +434,11 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     struct Unset {  // a matrix refused half way (a NaN in a later chunk) is left missing, not half made
         Matrix* m;
         ~Unset() {
-            if (m) *m = Matrix();
+            if (!m) return;
+            uint8_t* room = m->room;
+            const size_t room_bytes = m->room_bytes;
+            *m = Matrix();
+            m->room = room, m->room_bytes = room_bytes;
         }
     } unset{m};
     for (int r0 = 0; r0 < rows; r0 += kChunkRows) {
@@ -427,7 +452,7 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
         if (const int64_t bad = first_non_finite(f, DType::F32, values * 4, threads_); bad >= 0)
             refuse_non_finite(bad, size_t(r0) * size_t(cols), false);
         if (borrow_gguf) continue;  // checked only
-        auto* out = m->owned.as<uint8_t>();
+        uint8_t* out = dst;
         if (target == DType::Q8 || target == DType::Q4)
             (target == DType::Q8 ? quantize_q8 : quantize_q4)(f, n, cols, size_t(cols), out + size_t(r0 / kQRows) * group_bytes,
                                                                threads_);

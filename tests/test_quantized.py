@@ -125,6 +125,110 @@ def test_converted_is_mapped_not_copied(converted):
     assert not data.flags.writeable
 
 
+def test_converted_copied_when_not_borrowed(converted, monkeypatch):
+    # set_tensor(may_borrow=False) copies a packed matrix: its bytes, not rows x cols elements (that
+    # overran the buffer and crashed)
+    from qwen2rt import _core
+
+    src, dst = converted
+    mapped = qwen2rt.Model(dst)
+
+    class Copying(_core.Qwen2Model):
+        def set_tensor(self, name, array, src_dtype, shape, dtype=None):
+            return super().set_tensor(name, array, src_dtype, shape, may_borrow=False, dtype=dtype)
+
+    monkeypatch.setattr(qwen2rt.model._core, "Qwen2Model", Copying)
+    copied = qwen2rt.Model(dst)
+    name = "model.layers.1.mlp.down_proj.weight"
+    a, b = mapped._core.tensor_bytes(name)[1], copied._core.tensor_bytes(name)[1]
+    assert a.ctypes.data != b.ctypes.data
+    np.testing.assert_array_equal(a, b)
+    ids = list(range(3, 30))
+    np.testing.assert_array_equal(mapped.forward(ids, all_logits=True), copied.forward(ids, all_logits=True))
+
+
+LAYER_MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@pytest.mark.parametrize("dtype", ["q4", "q8", "bf16"])  # f32 from f32 files is borrowed, not made
+def test_small_matrices_made_at_load_are_packed(ckpt, dtype):
+    # back to back in the model's weight arena (blocks of 2 MiB pages), none overlapping; set again,
+    # a matrix is made in its own room again
+    folder, ref = ckpt
+    m = qwen2rt.Model(folder, dtype=dtype)
+    names = [f"model.layers.{layer}.{name}.weight" for layer in range(ref.config.num_hidden_layers)
+             for name in LAYER_MATRICES]
+    spans = sorted((d.ctypes.data, d.ctypes.data + -(-d.size // 64) * 64)
+                   for d in (m._core.tensor_bytes(n)[1] for n in names))
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
+    before = m.forward(list(range(3, 20)), all_logits=True)
+    name = names[-3]  # a gate_proj
+    shape = (ref.config.intermediate_size, ref.config.hidden_size)
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    where = m._core.tensor_bytes(name)[1].ctypes.data
+    m._core.set_tensor(name, w, "f32", list(w.shape), dtype=m._core.tensor_bytes(name)[0])
+    assert m._core.tensor_bytes(name)[1].ctypes.data == where
+    m.reset()
+    assert not np.allclose(m.forward(list(range(3, 20)), all_logits=True), before)
+
+
+def test_write_in_huge_pages():
+    from qwen2rt.converted import HUGE_PAGE, write_in_huge_pages
+
+    class File:
+        def __init__(self):
+            self.writes, self.data = [], bytearray()
+
+        def write(self, view):
+            n = min(len(view), 3 << 20)  # a write may take less than it was given
+            self.writes.append((len(self.data), n))
+            self.data += bytes(view[:n])
+            return n
+
+    rng = np.random.default_rng(0)
+    parts = [b"header", np.zeros(0, np.uint8), rng.integers(0, 255, 5_000_000, dtype=np.uint8),
+             rng.integers(0, 255, 100, dtype=np.uint8), np.arange(1_500_000, dtype=np.float32), b"tail"]
+    f, done = File(), []
+    write_in_huge_pages(f, parts, done.append)
+    assert bytes(f.data) == b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    assert all(at % HUGE_PAGE == 0 and n == HUGE_PAGE for at, n in f.writes[:-1]), f.writes
+    assert done == [1, 2, 3, 4]
+
+
+def _vm_flags(address):
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+def test_weights_mapped_asking_for_huge_pages(tmp_path):
+    import mmap
+
+    from safetensors.numpy import save_file
+
+    from qwen2rt.safetensors_io import SafetensorsFile
+
+    if not hasattr(mmap, "MADV_HUGEPAGE") or _vm_flags(id(tmp_path)) is None:
+        pytest.skip("no madvise(MADV_HUGEPAGE) or no /proc/self/smaps")
+    save_file({"a": np.zeros(3_000_000, np.float32), "b": np.ones(3_000_000, np.float32)},
+              str(tmp_path / "t.safetensors"))
+    f = SafetensorsFile(tmp_path / "t.safetensors")
+    a, b = f.array("a"), f.array("b")
+    assert "hg" in _vm_flags(a.ctypes.data + 4096)
+    # an evicted tensor's pages (an untied embedding, read a row at a time) come back 4 KiB at a time
+    f.evict("a")
+    assert "nh" in _vm_flags(a.ctypes.data + 4096)
+    assert "hg" in _vm_flags(b.ctypes.data + 4096)
+
+
 def _rss_file_kb():
     try:
         with open("/proc/self/status") as f:

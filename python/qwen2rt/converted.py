@@ -65,6 +65,37 @@ def packed_bytes(dtype: str, shape: list[int]) -> int:
     return count * (2 if dtype == "bf16" else 4)
 
 
+HUGE_PAGE = 2 << 20
+
+
+def write_in_huge_pages(f, parts: list, progress=None) -> None:
+    """Writes `parts` back to back from the start of the unbuffered file `f`, in writes of whole
+    2 MiB-aligned pieces. A filesystem with large folios (ext4, xfs on Linux 6.16+) caches each
+    piece as one 2 MiB folio, which Model() then maps as a huge page (safetensors_io.map_weights).
+    Written a tensor at a time, the file just converted had its pieces that straddle two tensors
+    cached in small folios: 240 of a q4 0.5B model's 441 MB mapped in 2 MiB pages, not 430."""
+    buf, fill = bytearray(HUGE_PAGE), 0
+
+    def write(data) -> None:
+        view = memoryview(data)
+        while view:
+            n = f.write(view)
+            view = view[n:]
+
+    for i, part in enumerate(parts):
+        view = memoryview(part).cast("B")
+        while view:
+            n = min(len(view), HUGE_PAGE - fill)
+            buf[fill:fill + n] = view[:n]
+            fill, view = fill + n, view[n:]
+            if fill == HUGE_PAGE:
+                write(buf)
+                fill = 0
+        if progress is not None and i >= 2:  # the blobs, not the header
+            progress(i - 1)
+    write(memoryview(buf)[:fill])
+
+
 def is_converted(metadata: dict[str, str]) -> bool:
     return metadata.get("format") == FORMAT_NAME
 
@@ -228,12 +259,8 @@ def convert(
     tmp = os.path.join(dst, ".model.safetensors.tmp")
     bar = _Progress("write", len(blobs), progress)
     try:
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for i, data in enumerate(blobs):
-                f.write(memoryview(data))
-                bar.update(i + 1)
+        with open(tmp, "wb", buffering=0) as f:
+            write_in_huge_pages(f, [len(raw).to_bytes(8, "little"), raw, *blobs], bar.update)
         os.replace(tmp, os.path.join(dst, "model.safetensors"))
     finally:
         if os.path.exists(tmp):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import short_repr
 from .errors import FormatError, ModelNotFoundError, UnsupportedModelError
-from .safetensors_io import evict_pages
+from .safetensors_io import evict_pages, map_weights
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4
@@ -118,7 +118,7 @@ class GGUFFile:
         with f:
             if size < 24:
                 raise FormatError(f"{self.path}: {size} bytes is too short for a GGUF file")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = map_weights(f)
         c = _Cursor(self._mm, self.path)
         if bytes(self._mm[:4]) != MAGIC:
             raise FormatError(f"{self.path}: not a GGUF file (magic {bytes(self._mm[:4])!r})")

@@ -100,7 +100,7 @@ class SafetensorsFile:
         self._mm: mmap.mmap | None = None
         if data_size > 0:
             with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = map_weights(f)
 
     def _check_entry(self, name: str, info: object) -> TensorInfo:
         where = f"{self.path}: tensor {name!r}"
@@ -151,6 +151,25 @@ class SafetensorsFile:
         return a
 
 
+def map_weights(f) -> mmap.mmap:
+    """A read-only mapping of a weights file, asking for 2 MiB pages before anything is read.
+
+    A decode step reads every weight once; in 4 KiB pages it misses the TLB every 4 KiB, and the
+    hardware prefetcher stops at every page. Where the filesystem caches files in large folios (ext4
+    and xfs on Linux 6.16+), pages read after this advice come in 2 MiB folios that map as huge pages
+    (a converted q4 0.5B model: 328 of its 331 resident MB). On a Zen 4 it then decoded 6-16% faster
+    than with 188 MB of it in huge pages. Pages already cached in small folios (by a reader that did not
+    ask) stay small: there is no way to merge them short of reading the file again. `qwen2rt convert`
+    writes in whole 2 MiB pieces, which the page cache keeps as 2 MiB folios."""
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # advice only: a kernel without transparent huge pages refuses it
+            pass
+    return mm
+
+
 def evict_pages(mm: mmap.mmap, begin: int, end: int) -> None:
     """Drop the whole pages of a read-only file mapping that lie in [begin, end) from this process's
     resident memory: they stay in the page cache and come back, one page at a time, if read again. For
@@ -160,5 +179,11 @@ def evict_pages(mm: mmap.mmap, begin: int, end: int) -> None:
     page = mmap.PAGESIZE
     first, last = -(-begin // page) * page, end // page * page  # pages of other tensors are kept
     if last > first:
+        # A row read again (an untied embedding's) then maps 4 KiB, not the 2 MiB around it.
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            try:
+                mm.madvise(mmap.MADV_NOHUGEPAGE, first, last - first)
+            except OSError:
+                pass
         mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
