@@ -38,7 +38,8 @@ DType parse_dtype(const std::string& s) {
     if (s == "f16" || s == "float16") return DType::F16;
     if (s == "q8") return DType::Q8;
     if (s == "q4") return DType::Q4;
-    throw InvalidArgument("unknown dtype '" + s + "' (expected f32, bf16, f16, q8 or q4)");
+    if (s == "bf16p") return DType::BF16P;
+    throw InvalidArgument("unknown dtype '" + s + "' (expected f32, bf16, f16, q8, q4 or bf16p)");
 }
 
 unsigned long g_main_thread = 0;
@@ -197,9 +198,13 @@ py::array_t<float> kernel_matmul(const std::string& isa, py::array_t<float, py::
     if (py::isinstance<py::array_t<float>>(W)) {
         auto w = W.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
         K->matmul_f32(X.data(), Kd, M, Kd, w.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
-    } else if (py::isinstance<py::array_t<uint16_t>>(W)) {  // bf16 bit patterns
+    } else if (py::isinstance<py::array_t<uint16_t>>(W)) {  // bf16 bit patterns, row-major: packed first
         auto w = W.cast<py::array_t<uint16_t, py::array::c_style | py::array::forcecast>>();
-        K->matmul_bf16(X.data(), Kd, M, Kd, w.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
+        std::vector<float> wf(size_t(N) * size_t(Kd));
+        for (size_t i = 0; i < wf.size(); i++) wf[i] = bf16_to_f32(w.data()[i]);
+        std::vector<uint16_t> packed(bf16_bytes(N, Kd) / 2);
+        pack_bf16(wf.data(), N, Kd, size_t(Kd), packed.data(), 1);
+        K->matmul_bf16(X.data(), Kd, M, Kd, packed.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
     } else {
         throw InvalidArgument("matmul: W must be float32 or uint16 (bf16 bits)");
     }

@@ -12,8 +12,9 @@
 namespace qwen2rt {
 
 // Element type of a weight matrix (or of a source tensor handed over by the loader). Q8 and Q4 are
-// the packed block formats of quant.h.
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4 };
+// the packed block formats of quant.h, and a bf16 matrix is held packed too (quant.h). A source
+// tensor of BF16 is row-major (a checkpoint's); BF16P is one already packed (a converted model's).
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4, BF16P = 5 };
 
 inline const char* dtype_name(DType t) {
     switch (t) {
@@ -22,6 +23,7 @@ inline const char* dtype_name(DType t) {
         case DType::F16: return "f16";
         case DType::Q8: return "q8";
         case DType::Q4: return "q4";
+        case DType::BF16P: return "bf16p";
     }
     return "?";
 }

@@ -74,10 +74,10 @@ static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float
         for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-        if (MR == 1)  // decode streams W from memory: the next tile is asked for (bf16_decode_tile)
+        if (MR == 1 && sizeof(WT) == 4)  // f32 decode streams W from memory: the next tile is asked for
             prefetch_step<NR * 8 * sizeof(WT)>(reinterpret_cast<const char*>(W + size_t(NR) * K), k / 8);
         __m256 w[NR];
-        for (int j = 0; j < NR; j++) w[j] = load_w(W + size_t(j) * K + k);
+        for (int j = 0; j < NR; j++) w[j] = load_w(w_at(W, K, j, k));
         for (int i = 0; i < MR; i++) {
             const __m256 x = _mm256_loadu_ps(X + size_t(i) * ldx + k);
             for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(x, w[j], acc[i][j]);
@@ -86,7 +86,7 @@ static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) {
             float s = hsum(acc[i][j]);
-            for (int kk = k; kk < K; kk++) s += X[size_t(i) * ldx + kk] * load_w1(W + size_t(j) * K + kk);
+            for (int kk = k; kk < K; kk++) s += X[size_t(i) * ldx + kk] * load_w1(w_at(W, K, j, kk));
             Y[size_t(i) * ldy + j] = s + (bias ? bias[j] : 0.f);
         }
 }
@@ -94,19 +94,16 @@ static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float
 // Decode (one token) with bf16 weights: one 32-byte load holds 16 weights. A bf16 is the top half
 // of an f32, so the odd weights become floats by masking off the low halves and the even ones by a
 // 16-bit shift; x is split into its even and odd elements once for all NR rows. That is one load,
-// two integer ops and two FMAs per 16 weights, instead of two widening loads and two shifts.
-// The NR rows of a tile lie one after another, and so do the tiles: each step asks for as many bytes
-// of the next tile as it reads of this one. (Asking kPrefetchBytes ahead in each row, as before, fell
-// inside this tile's own later rows when rows are shorter than that, as Qwen2.5-0.5B's 1792 bytes
-// are; on 2 Zen 3 cores, a decode step's bf16 matrices went from 15-19 to 22-23 GB/s, alternating.)
+// two integer ops and two FMAs per 16 weights, instead of two widening loads and two shifts. A tile
+// is a packed group of rows (quant.h), read as one stream (as the AVX-512 tile; not measured on an
+// AVX2-only machine).
 template <int NR>
 static void bf16_decode_tile(const float* x, int K, const uint16_t* W, const float* bias, float* Y) {
-    __m256 even[NR], odd[NR];
-    for (int j = 0; j < NR; j++) even[j] = odd[j] = _mm256_setzero_ps();
+    __m256 acc[NR];
+    for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_ps();
     const __m256i top = _mm256_set1_epi32(int(0xffff0000u));
     int k = 0;
     for (; k + 16 <= K; k += 16) {
-        prefetch_step<NR * 32>(reinterpret_cast<const char*>(W + size_t(NR) * K), k / 16);
         const __m256 a = _mm256_loadu_ps(x + k), b = _mm256_loadu_ps(x + k + 8);
         // [a0 a2 b0 b2 | a4 a6 b4 b6] -> [a0 a2 a4 a6 b0 b2 b4 b6], the same for the odd elements
         const __m256 xe = _mm256_castpd_ps(
@@ -114,14 +111,14 @@ static void bf16_decode_tile(const float* x, int K, const uint16_t* W, const flo
         const __m256 xo = _mm256_castpd_ps(
             _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), 0xd8));
         for (int j = 0; j < NR; j++) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + size_t(j) * K + k));
-            even[j] = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), even[j]);
-            odd[j] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v, top)), odd[j]);
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bf16_at(W, j, k)));
+            acc[j] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v, top)),
+                                     _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), acc[j]));
         }
     }
     for (int j = 0; j < NR; j++) {
-        float s = hsum(_mm256_add_ps(even[j], odd[j]));
-        for (int kk = k; kk < K; kk++) s += x[kk] * load_w1(W + size_t(j) * K + kk);
+        float s = hsum(acc[j]);
+        for (int kk = k; kk < K; kk++) s += x[kk] * load_w1(bf16_at(W, j, kk));
         Y[j] = s + (bias ? bias[j] : 0.f);
     }
 }
@@ -133,8 +130,9 @@ static void decode_rows(const float* x, int K, const float* W, const float* bias
 }
 static void decode_rows(const float* x, int K, const uint16_t* W, const float* bias, float* Y, int n0, int n1) {
     int n = n0;
-    for (; n + 4 <= n1; n += 4) bf16_decode_tile<4>(x, K, W + size_t(n) * K, bias ? bias + n : nullptr, Y + n);
-    for (; n < n1; n++) bf16_decode_tile<1>(x, K, W + size_t(n) * K, bias ? bias + n : nullptr, Y + n);
+    for (; n + kBf16Rows <= n1 && n % kBf16Rows == 0; n += kBf16Rows)
+        bf16_decode_tile<kBf16Rows>(x, K, bf16_row(W, K, n), bias ? bias + n : nullptr, Y + n);
+    for (; n < n1; n++) bf16_decode_tile<1>(x, K, bf16_row(W, K, n), bias ? bias + n : nullptr, Y + n);
 }
 
 template <class WT>
@@ -167,11 +165,13 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
     constexpr int kTokenBlock = 64;
     for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
         const int m1 = imin(M, m0 + kTokenBlock);
-        for (int n = n0; n < n1; n += 3) {
-            const int nr = imin(3, n1 - n);
+        for (int n = n0, nr; n < n1; n += nr) {
+            // a bf16 tile stays in its packed group of rows: 3 + 3 + 2
+            nr = imin(3, n1 - n);
+            if (sizeof(WT) == 2) nr = imin(nr, kBf16Rows - n % kBf16Rows);
             for (int m = m0; m < m1; m += 4) {
                 const int mr = imin(4, m1 - m);
-                tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, W + size_t(n) * K, B(n), Y + size_t(m) * ldy + n,
+                tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, w_row(W, K, n), B(n), Y + size_t(m) * ldy + n,
                                      ldy);
             }
         }

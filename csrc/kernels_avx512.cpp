@@ -55,12 +55,11 @@ static inline __m512 exp512(__m512 x) {
 // matmul: an MR x NR register tile of dot products. Each step loads NR weight vectors and MR token
 // vectors and does MR*NR FMAs; the accumulators are reduced once at the end of K.
 
-// A decode tile (one token) asks, each step, for as many bytes of the tile kDecodeTilesAhead on as
-// it reads of its own, into L2. On Zen 4, against asking for the next tile into L1: a decode step's
-// bf16 layer matrices alone read at 40-42 instead of 36 GB/s while the host's bandwidth was high
-// (51-52 GB/s reading the same bytes plainly), 30 instead of 29 while it was low; f32 45 against 44
-// and 32.5 against 31. A whole bf16 decode step, lm_head included, alternated in one process: 2%
-// faster in the high periods, 0.6% in the low. One, two or three tiles on measured alike, 8 or 16 lower.
+// An f32 decode tile (one token) asks, each step, for as many bytes of the tile kDecodeTilesAhead on
+// as it reads of its own, into L2. On Zen 4, against asking for the next tile into L1: a decode step's
+// bf16 layer matrices alone (row-major then, as f32 is) read at 40-42 instead of 36 GB/s while the
+// host's bandwidth was high (51-52 GB/s reading the same bytes plainly), 30 instead of 29 while it was
+// low; f32 45 against 44 and 32.5 against 31. One, two or three tiles on measured alike, 8 or 16 lower.
 constexpr int kDecodeTilesAhead = 2;
 
 template <int MR, int NR, class WT>
@@ -70,11 +69,11 @@ static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 16 <= K; k += 16) {
-        if (MR == 1)  // decode streams W from memory: a tile further on is asked for
+        if (MR == 1 && sizeof(WT) == 4)  // f32 decode streams W from memory: a tile further on is asked for
             prefetch_step<NR * 16 * sizeof(WT), 2>(reinterpret_cast<const char*>(W + size_t(kDecodeTilesAhead * NR) * K),
                                                    k / 16);
         __m512 w[NR];
-        for (int j = 0; j < NR; j++) w[j] = load_w(W + size_t(j) * K + k);
+        for (int j = 0; j < NR; j++) w[j] = load_w(w_at(W, K, j, k));
         for (int i = 0; i < MR; i++) {
             const __m512 x = _mm512_loadu_ps(X + size_t(i) * ldx + k);
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
@@ -83,7 +82,7 @@ static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float
     if (k < K) {
         const __mmask16 m = tail_mask(K - k);
         __m512 w[NR];
-        for (int j = 0; j < NR; j++) w[j] = load_w(W + size_t(j) * K + k, m);
+        for (int j = 0; j < NR; j++) w[j] = load_w(w_at(W, K, j, k), m);
         for (int i = 0; i < MR; i++) {
             const __m512 x = _mm512_maskz_loadu_ps(m, X + size_t(i) * ldx + k);
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
@@ -125,7 +124,7 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
         int n = n0;
         for (; n < n1; n += 4) {
             const int nr = imin(4, n1 - n);
-            tile_for<WT>(1, nr)(X, ldx, K, W + size_t(n) * K, B(n), Y + n, ldy);
+            tile_for<WT>(1, nr)(X, ldx, K, w_row(W, K, n), B(n), Y + n, ldy);
         }
         return;
     }
@@ -138,7 +137,7 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
             const int nr = imin(4, n1 - n);
             for (int m = m0; m < m1; m += 4) {
                 const int mr = imin(4, m1 - m);
-                tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, W + size_t(n) * K, B(n), Y + size_t(m) * ldy + n,
+                tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, w_row(W, K, n), B(n), Y + size_t(m) * ldy + n,
                                      ldy);
             }
         }
@@ -153,11 +152,11 @@ static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, co
 // lanes left by 16 gives the even-indexed values as f32, masking off the low halves gives the odd
 // ones, so one load feeds two FMAs with no widening shuffle -- once the activation is split the same
 // way: each block of 32 becomes its 16 even-indexed then its 16 odd-indexed values (zero-padded past
-// K), once per call into a per-thread buffer. Four rows at a time, each step asking for as many bytes
-// of the next tile as it reads of this one (the rows of a tile and the tiles lie one after another).
-// On 2 Zen 4 cores, a 0.5B decode step's bf16 matrices (alternating in one process): eight rows a
-// tile, each row prefetching its successor 8 rows on, 32 GB/s; eight rows with the tile prefetch 32;
-// four 38; two 38; sixteen 21; no prefetch 24. Fewer concurrent row streams keep DRAM streaming.
+// K), once per call into a per-thread buffer. A tile is a packed group of 8 rows (quant.h), read as
+// one stream with no software prefetch. On 2 Zen 4 cores, a 0.5B decode step's bf16 layer matrices
+// from 2 MiB pages while the host's bandwidth was high (a plain read: 57 GB/s): row-major tiles of
+// four rows, asking for the tile two on, 45 GB/s (eight rows 32, sixteen 21, none 28); packed
+// groups of 4 rows 55, of 8 rows 56.5 (asking ahead, 44). While it was low, 33 against 35.
 
 static float* split_even_odd(const float* x, int K) {
     static thread_local float* buf = nullptr;
@@ -181,14 +180,10 @@ static void bf16_rows(const float* xs, int K, const uint16_t* W, const float* bi
     const __m512i odd_mask = _mm512_set1_epi32(int(0xffff0000u));
     __m512 acc[NR];
     for (int j = 0; j < NR; j++) acc[j] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 32) {
-        const bool tail = K - k < 32;
-        const __mmask32 m = tail ? __mmask32((1u << (K - k)) - 1u) : ~__mmask32(0);
+    for (int k = 0; k < K; k += 32) {  // packed: a block's rows are zero-padded to 32 values, as xs is
         const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
-        prefetch_step<NR * 64, 2>(reinterpret_cast<const char*>(W + size_t(kDecodeTilesAhead * NR) * K), k / 32);
         for (int j = 0; j < NR; j++) {
-            const uint16_t* p = W + size_t(j) * K + k;
-            const __m512i w = tail ? _mm512_maskz_loadu_epi16(m, p) : _mm512_loadu_si512(p);
+            const __m512i w = _mm512_loadu_si512(bf16_at(W, j, k));
             const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
             const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask));
             acc[j] = _mm512_fmadd_ps(xo, wo, _mm512_fmadd_ps(xe, we, acc[j]));
@@ -206,8 +201,8 @@ static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W
     const float* xs = split_even_odd(X, K);
     auto B = [&](int n) { return bias ? bias + n : nullptr; };
     int n = n0;
-    for (; n + 4 <= n1; n += 4) bf16_rows<4>(xs, K, W + size_t(n) * K, B(n), Y + n);
-    for (; n < n1; n++) bf16_rows<1>(xs, K, W + size_t(n) * K, B(n), Y + n);
+    for (; n + kBf16Rows <= n1 && n % kBf16Rows == 0; n += kBf16Rows) bf16_rows<kBf16Rows>(xs, K, bf16_row(W, K, n), B(n), Y + n);
+    for (; n < n1; n++) bf16_rows<1>(xs, K, bf16_row(W, K, n), B(n), Y + n);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -44,9 +44,19 @@ static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, co
     matmul_rows(X, ldx, M, K, W, bias, Y, ldy, n0, n1, [](float v) { return v; });
 }
 
+// bf16: W packed (quant.h); the same sums in the same order as matmul_rows.
 static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                         int ldy, int n0, int n1) {
-    matmul_rows(X, ldx, M, K, W, bias, Y, ldy, n0, n1, [](uint16_t v) { return bf16_to_f32(v); });
+    for (int m = 0; m < M; m++) {
+        const float* x = X + size_t(m) * ldx;
+        float* y = Y + size_t(m) * ldy;
+        for (int n = n0; n < n1; n++) {
+            const uint16_t* w = bf16_row(W, K, n);
+            float s[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int k = 0; k < K; k++) s[k + 4 <= K ? k % 4 : 0] += x[k] * bf16_to_f32(*bf16_at(w, 0, k));
+            y[n] = (s[0] + s[1]) + (s[2] + s[3]) + (bias ? bias[n] : 0.f);
+        }
+    }
 }
 
 static const Kernels table = {

@@ -18,6 +18,12 @@
 //
 // Activations are quantized once per input vector, per block of 32: int8 q, f32 scale, and the
 // block's sum of q.
+//
+// bf16 matrices are packed the same way, with no scales: groups of 8 rows, each group's blocks of
+// 32 columns one after another, a block its 8 rows' 32 values one row after another (512 bytes).
+// A decode tile of 8 rows then reads its group as one stream; reading 4 rows of a row-major matrix
+// at once, 4 streams, read 45 GB/s where a plain read got 57 (Zen 4, 2 threads, a 0.5B model's layer
+// matrices in 2 MiB pages), and the packed tiles 56.5.
 #pragma once
 
 #include <cstddef>
@@ -36,6 +42,21 @@ static inline int q_blocks(int cols) { return (cols + kQBlock - 1) / kQBlock; }
 // Bytes of a packed [rows, cols] matrix.
 size_t q8_bytes(int rows, int cols);
 size_t q4_bytes(int rows, int cols);
+size_t bf16_bytes(int rows, int cols);
+
+constexpr int kBf16Rows = 8;  // rows of one bf16 group
+// Row n of a packed bf16 matrix of K columns: its first value. Rows of a tile that starts at a
+// multiple of its height (and does not cross a group) are then 32 values apart within a block.
+static inline const uint16_t* bf16_row(const uint16_t* W, int K, int n) {
+    return W + (size_t(n / kBf16Rows) * size_t(q_blocks(K)) * kBf16Rows + size_t(n % kBf16Rows)) * kQBlock;
+}
+// Column k of the row `j` rows below `row` (same group).
+static inline const uint16_t* bf16_at(const uint16_t* row, int j, int k) {
+    return row + (size_t(k / kQBlock) * kBf16Rows + size_t(j)) * kQBlock + size_t(k % kQBlock);
+}
+// A row-major float32 matrix rounded to bf16 (nearest even) into the packed layout, zero-padded.
+void pack_bf16(const float* W, int rows, int cols, size_t ldw, uint16_t* out, int threads);
+void unpack_row_bf16(const uint16_t* packed, int cols, int row, float* out);
 
 // Quantize a row-major float32 matrix into the packed layout (rows of W are `ldw` floats apart).
 // q8: scale = max|w| / 127, round to nearest. q4: for each block the scale is chosen among

@@ -305,11 +305,22 @@ static int64_t first_non_finite(const void* data, DType t, size_t nbytes, int th
     return -1;
 }
 
-// Bytes of a [rows, cols] matrix stored as `t`.
+// Bytes of a [rows, cols] matrix held as `t` (bf16 packed, quant.h).
 static size_t matrix_bytes(DType t, int rows, int cols) {
     if (t == DType::Q8) return q8_bytes(rows, cols);
     if (t == DType::Q4) return q4_bytes(rows, cols);
+    if (t == DType::BF16 || t == DType::BF16P) return bf16_bytes(rows, cols);
     return checked_mul(checked_mul(size_t(rows), size_t(cols)), dtype_size(t));
+}
+// Bytes of a [rows, cols] source tensor of `t`: f32 / bf16 / f16 row-major, the others packed.
+static size_t source_bytes(DType t, int rows, int cols) {
+    if (t == DType::BF16) return checked_mul(checked_mul(size_t(rows), size_t(cols)), 2);
+    return matrix_bytes(t, rows, cols);
+}
+// Whether a target type is held in a packed layout, and whether a source already is in the target's.
+static bool is_packed(DType t) { return is_quantized(t) || t == DType::BF16; }
+static bool same_layout(DType src, DType target) {
+    return src == target ? target != DType::BF16 : src == DType::BF16P && target == DType::BF16;
 }
 
 // Bytes of a stored matrix: packed, plain, or GGUF blocks (Matrix::gguf_type).
@@ -347,14 +358,16 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
         throw InvalidArgument("tensor '" + name + "' has shape " + shape_str(shape) + ", the config implies " +
                               shape_str(want));
     const bool gguf = gguf_type >= 0;  // `data` holds GGUF blocks of that ggml type, read row by row
-    if (v && is_quantized(src) && !gguf)
+    if (v && (is_quantized(src) || src == DType::BF16P) && !gguf)
         throw InvalidArgument("tensor '" + name + "' is a vector: it cannot be " + dtype_name(src));
+    if (target == DType::BF16P || target == DType::F16)
+        throw InvalidArgument(std::string("a matrix is not held as ") + dtype_name(target));
     const size_t count = m ? size_t(rows) * size_t(cols) : size_t(len);
     // A GGUF matrix is read a chunk of rows at a time: its rows must be whole blocks (this checks
     // the type too, and says what is wrong).
     const size_t gguf_row = gguf ? gguf_dequant_src_bytes(gguf_type, m ? cols : len) : 0;
     const size_t need = gguf ? checked_mul(gguf_row, m ? size_t(rows) : 1)
-                        : m  ? matrix_bytes(src, rows, cols)
+                        : m  ? source_bytes(src, rows, cols)
                              : checked_mul(size_t(len), dtype_size(src));
     if (!data || nbytes != need)
         throw InvalidArgument("tensor '" + name + "' holds " + std::to_string(nbytes) + " bytes, its shape as " +
@@ -364,7 +377,9 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     // of a float source (from element `first`), or packed blocks.
     auto refuse_non_finite = [&](int64_t bad, size_t first, bool blocks) {
         std::string where;
-        if (blocks) {
+        if (src == DType::BF16P) {
+            where = "packed value " + std::to_string(bad);
+        } else if (blocks) {
             const int64_t B = q_blocks(cols);
             where = "a scale of rows " + std::to_string(bad / B * kQRows) + ".." +
                     std::to_string(std::min<int64_t>(rows, bad / B * kQRows + kQRows) - 1);
@@ -385,14 +400,14 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
             refuse_non_finite(bad, 0, false);
         return false;
     }
-    if (!gguf && is_quantized(src) && src != target)
+    if (!gguf && (is_quantized(src) || src == DType::BF16P) && !same_layout(src, target))
         throw InvalidArgument("tensor '" + name + "' is " + dtype_name(src) + "; it cannot be converted to " +
                               dtype_name(target));
     // Rows are made float32 a chunk at a time where the source is GGUF blocks or the target is packed:
     // no float32 copy of a whole matrix (the 545 MB embedding of a 0.5B model) is ever held.
-    const bool by_rows = gguf || (is_quantized(target) && !is_quantized(src));
+    const bool by_rows = gguf || (is_packed(target) && !same_layout(src, target));
     if (!by_rows) {
-        if (const int64_t bad = first_non_finite(data, src, need, threads_); bad >= 0)
+        if (const int64_t bad = first_non_finite(data, src == DType::BF16P ? DType::BF16 : src, need, threads_); bad >= 0)
             refuse_non_finite(bad, 0, is_quantized(src));
     }
     // An untied embedding is only read a row per token: one in GGUF blocks stays in the caller's
@@ -403,7 +418,7 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     m->dtype = borrow_gguf ? DType::F32 : target;  // what embed() makes of a row
     m->gguf_type = -1;
     const size_t align = is_quantized(target) ? 1 : dtype_size(target);
-    if (!gguf && may_borrow && src == target && reinterpret_cast<uintptr_t>(data) % align == 0) {
+    if (!gguf && may_borrow && same_layout(src, target) && reinterpret_cast<uintptr_t>(data) % align == 0) {
         m->owned = AlignedBuffer();  // points into the caller's (mapped) memory: no copy
         m->data = data;
         return true;
@@ -422,13 +437,12 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
         m->data = dst;
     }
     if (!by_rows) {
-        if (src == target) std::memcpy(dst, data, need);  // packed q8/q4 included: bytes, not elements
+        if (same_layout(src, target)) std::memcpy(dst, data, need);  // packed ones included: bytes, not elements
         else convert(data, src, dst, target, count, threads_);
         return false;
     }
-    constexpr int kChunkRows = 256;  // a multiple of kQRows: chunks start on a packed row group
+    constexpr int kChunkRows = 256;  // a multiple of kQRows and kBf16Rows: chunks start on a packed row group
     const size_t src_row = gguf ? gguf_row : size_t(cols) * dtype_size(src);
-    const size_t group_bytes = is_quantized(target) ? matrix_bytes(target, kQRows, cols) : 0;
     AlignedBuffer tmp;
     if (gguf || src != DType::F32) tmp = AlignedBuffer(checked_mul(checked_mul(size_t(kChunkRows), size_t(cols)), 4));
     struct Unset {  // a matrix refused half way (a NaN in a later chunk) is left missing, not half made
@@ -454,8 +468,10 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
         if (borrow_gguf) continue;  // checked only
         uint8_t* out = dst;
         if (target == DType::Q8 || target == DType::Q4)
-            (target == DType::Q8 ? quantize_q8 : quantize_q4)(f, n, cols, size_t(cols), out + size_t(r0 / kQRows) * group_bytes,
+            (target == DType::Q8 ? quantize_q8 : quantize_q4)(f, n, cols, size_t(cols), out + matrix_bytes(target, r0, cols),
                                                                threads_);
+        else if (target == DType::BF16)
+            pack_bf16(f, n, cols, size_t(cols), reinterpret_cast<uint16_t*>(out + matrix_bytes(target, r0, cols)), threads_);
         else
             convert(f, DType::F32, out + size_t(r0) * size_t(cols) * dtype_size(target), target, values, threads_);
     }
@@ -545,10 +561,7 @@ void Qwen2Model::embed(int token, float* out) const {
             break;
         case DType::Q8: dequantize_row_q8(static_cast<const uint8_t*>(E.data), E.cols, token, out); break;
         case DType::Q4: dequantize_row_q4(static_cast<const uint8_t*>(E.data), E.cols, token, out); break;
-        default: {
-            const uint16_t* row = static_cast<const uint16_t*>(E.data) + size_t(token) * H;
-            for (size_t i = 0; i < H; i++) out[i] = bf16_to_f32(row[i]);
-        }
+        default: unpack_row_bf16(static_cast<const uint16_t*>(E.data), E.cols, token, out);
     }
 }
 

@@ -24,8 +24,8 @@ struct Qwen2Config {
     bool tie_word_embeddings = false;
 };
 
-// A [rows, cols] weight matrix (a torch Linear weight: one row per output): row-major f32 or bf16,
-// or packed q8 / q4 (quant.h). `data` points into `owned`, into the model's layer arena, or into
+// A [rows, cols] weight matrix (a torch Linear weight: one row per output): row-major f32, or packed
+// bf16 / q8 / q4 (quant.h). `data` points into `owned`, into the model's weight arena, or into
 // memory the caller keeps alive (a mapped file).
 struct Matrix {
     DType dtype = DType::F32;

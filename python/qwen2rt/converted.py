@@ -28,13 +28,16 @@ from .config import short_repr
 from .errors import FormatError, InvalidInputError, UnsupportedModelError
 
 FORMAT_NAME = "qwen2rt"
-# 2: an untied embedding may be GGUF blocks (dtype "gguf:<ggml type>"). A file is written with the
-# lowest version that reads it, so that a qwen2rt reading version 1 still reads the others.
-FORMAT_VERSION = 2
+# 2: an untied embedding may be GGUF blocks (dtype "gguf:<ggml type>"). 3: bf16 matrices are packed
+# as they are held (dtype "bf16p", csrc/quant.h); version 1 and 2 files hold them row-major ("bf16"),
+# which loads by packing a copy. A file is written with the lowest version that reads it, so that a
+# qwen2rt reading version 1 still reads the others.
+FORMAT_VERSION = 3
 ALIGN = 64  # the data section starts on a 64-byte boundary
 
 
 MATRIX_DTYPES = ("bf16", "f32", "q8", "q4")  # model.WEIGHT_DTYPES
+TENSOR_DTYPES = MATRIX_DTYPES + ("bf16p",)  # what a tensor may be stored as (but a GGUF embedding)
 GGUF_EMBEDDING = "model.embed_tokens.weight"  # the one tensor that may be GGUF blocks
 
 
@@ -61,6 +64,9 @@ def packed_bytes(dtype: str, shape: list[int]) -> int:
     if dtype in ("q8", "q4"):
         rows, cols = shape
         return -(-rows // 16) * -(-cols // 32) * (32 + (512 if dtype == "q8" else 256))
+    if dtype == "bf16p":  # groups of 8 rows by blocks of 32 columns, zero-padded
+        rows, cols = shape
+        return -(-rows // 8) * -(-cols // 32) * 512
     count = shape[0] * (shape[1] if len(shape) == 2 else 1)
     return count * (2 if dtype == "bf16" else 4)
 
@@ -136,7 +142,7 @@ class ConvertedWeights:
             if name not in self.dtypes or name not in self.shapes:
                 raise FormatError(f"{path}: tensor {name!r} has no dtype or shape in the qwen2rt metadata")
             dtype, shape = self.dtypes[name], self.shapes[name]
-            if dtype not in MATRIX_DTYPES and not (name == GGUF_EMBEDDING and gguf_block_type(dtype) is not None):
+            if dtype not in TENSOR_DTYPES and not (name == GGUF_EMBEDDING and gguf_block_type(dtype) is not None):
                 raise FormatError(f"{path}: tensor {name!r} has qwen2rt dtype {short_repr(dtype)}")
             if (
                 not isinstance(shape, list)
@@ -161,7 +167,7 @@ class ConvertedWeights:
                     f"{self.file.path}: tensor {name!r} is {info.dtype}, its qwen2rt dtype {dtype} needs {expect}"
                 )
             array = self.file.array(name)
-            if dtype == "bf16":
+            if dtype in ("bf16", "bf16p"):
                 array = array.view(np.uint16)
             yield name, array, dtype, self.shapes[name]
 
@@ -238,6 +244,8 @@ def convert(
             views.append((name,) + tuple(v))
     views.sort(key=lambda v: (v[1].startswith("gguf:"), v[1] == "f32" and v[4] == 0))
     for name, kind, data, rows, cols in views:
+        if kind == "bf16" and cols:  # a bf16 matrix is held packed, and stored so
+            kind = "bf16p"
         tensor_dtypes[name] = kind
         shapes[name] = [rows, cols] if cols else [rows]
         st_dtype = "F32" if kind == "f32" else "U8"
@@ -247,7 +255,8 @@ def convert(
         offset += data.size
     header["__metadata__"] = {
         "format": FORMAT_NAME,
-        "qwen2rt_format_version": str(2 if any(k.startswith("gguf:") for k in tensor_dtypes.values()) else 1),
+        "qwen2rt_format_version": str(3 if "bf16p" in tensor_dtypes.values()
+                                      else 2 if any(k.startswith("gguf:") for k in tensor_dtypes.values()) else 1),
         "qwen2rt_dtype": dtype,
         "qwen2rt_tensor_dtypes": json.dumps(tensor_dtypes),
         "qwen2rt_shapes": json.dumps(shapes),
