@@ -377,8 +377,11 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     // of a float source (from element `first`), or packed blocks.
     auto refuse_non_finite = [&](int64_t bad, size_t first, bool blocks) {
         std::string where;
-        if (src == DType::BF16P) {
-            where = "packed value " + std::to_string(bad);
+        if (src == DType::BF16P) {  // packed value -> its row and column (quant.h)
+            const int64_t per_group = int64_t(q_blocks(cols)) * kBf16Rows * kQBlock, in_group = bad % per_group;
+            const int64_t row = bad / per_group * kBf16Rows + in_group % (kBf16Rows * kQBlock) / kQBlock;
+            const int64_t col = in_group / (kBf16Rows * kQBlock) * kQBlock + in_group % kQBlock;
+            where = "row " + std::to_string(row) + ", column " + std::to_string(col);
         } else if (blocks) {
             const int64_t B = q_blocks(cols);
             where = "a scale of rows " + std::to_string(bad / B * kQRows) + ".." +
