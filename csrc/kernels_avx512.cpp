@@ -201,7 +201,8 @@ static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W
     const float* xs = split_even_odd(X, K);
     auto B = [&](int n) { return bias ? bias + n : nullptr; };
     int n = n0;
-    for (; n + kBf16Rows <= n1 && n % kBf16Rows == 0; n += kBf16Rows) bf16_rows<kBf16Rows>(xs, K, bf16_row(W, K, n), B(n), Y + n);
+    for (; n + kBf16Rows <= n1 && n % kBf16Rows == 0; n += kBf16Rows)
+        bf16_rows<kBf16Rows>(xs, K, bf16_row(W, K, n), B(n), Y + n);
     for (; n < n1; n++) bf16_rows<1>(xs, K, bf16_row(W, K, n), B(n), Y + n);
 }
 

@@ -53,7 +53,7 @@ static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W
         for (int n = n0; n < n1; n++) {
             const uint16_t* w = bf16_row(W, K, n);
             float s[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int k = 0; k < K; k++) s[k + 4 <= K ? k % 4 : 0] += x[k] * bf16_to_f32(*bf16_at(w, 0, k));
+            for (int k = 0; k < K; k++) s[k < K / 4 * 4 ? k % 4 : 0] += x[k] * bf16_to_f32(*bf16_at(w, 0, k));
             y[n] = (s[0] + s[1]) + (s[2] + s[3]) + (bias ? bias[n] : 0.f);
         }
     }

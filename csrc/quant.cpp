@@ -159,7 +159,8 @@ void pack_bf16(const float* W, int rows, int cols, size_t ldw, uint16_t* out, in
             for (int b = 0; b < B; b++)
                 for (int i = 0; i < kQBlock; i++) {
                     const int c = b * kQBlock + i;
-                    row[(size_t(b) * kBf16Rows) * kQBlock + i] = (r < rows && c < cols) ? f32_to_bf16(W[size_t(r) * ldw + c]) : 0;
+                    const uint16_t v = (r < rows && c < cols) ? f32_to_bf16(W[size_t(r) * ldw + c]) : 0;
+                    row[size_t(b) * kBf16Rows * kQBlock + i] = v;  // = *bf16_at(row, 0, c)
                 }
         }
 }
