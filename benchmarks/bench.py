@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                       # default model, every engine installed
     python benchmarks/bench.py --engines qwen2rt-bf16,torch-bf16 --rounds 3 --json out.json
+    python benchmarks/bench.py --engines qwen2rt-q4c,qwen2rt-q4c/bf16 --contexts 8192   # KV cache dtypes
 
 Each engine runs in its own subprocess (so load time and peak RSS are its own), in alternation over
 several rounds (A B C A B C ...); the table shows medians. Decode is memory-bound, so its roofline
@@ -46,11 +47,13 @@ def _run_qwen2rt(spec: dict) -> dict:
     import qwen2rt
 
     path, dtype = spec["model"], spec["dtype"]
+    dtype, _, kv_dtype = dtype.partition("/")  # "q4c/bf16": a bf16 KV cache instead of the default
     if dtype.endswith("c"):  # "q4c": a model converted once by `qwen2rt convert`, loaded by mmap
         dtype = dtype[:-1]
         path = _converted(spec["gguf"], dtype)
     t0 = time.perf_counter()
-    m = qwen2rt.Model(path, dtype=dtype, threads=spec["threads"], max_context=spec["max_context"])
+    m = qwen2rt.Model(path, dtype=dtype, threads=spec["threads"], max_context=spec["max_context"],
+                      kv_dtype=kv_dtype or None)
     c = m.config
     out = {"load_s": time.perf_counter() - t0, "weight_bytes": m._core.weight_bytes,
            "isa": qwen2rt.system_info()["isa"],
@@ -365,8 +368,8 @@ def main() -> None:
         print(f"{k}: {v}", file=sys.stderr)
 
     for e in engines:  # converted models are made here, so that no child's load time or RSS includes it
-        if e.startswith("qwen2rt-") and e.endswith("c"):
-            _converted(gguf, e.split("-", 1)[1][:-1])
+        if e.startswith("qwen2rt-") and e.split("/")[0].endswith("c"):
+            _converted(gguf, e.split("/")[0].split("-", 1)[1][:-1])
     results: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(a.rounds):
         for e in engines:

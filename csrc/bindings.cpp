@@ -326,6 +326,12 @@ PYBIND11_MODULE(_core, m) {
              "Hand over a tensor; matrices are stored as `dtype` (default: the model's)")
         .def("missing_tensors", [](PyModel& s) { return s.model->missing_tensors(); })
         .def(
+            "read_embedding_from_file",
+            [](PyModel& s, int fd, uint64_t offset) { s.model->read_embedding_from_file(fd, offset); },
+            py::arg("fd"), py::arg("offset"),
+            "Read the borrowed embedding's rows from this file descriptor (now the model's), where the table "
+            "starts at offset, instead of through the mapping")
+        .def(
             "tensor_bytes",
             [](py::object self, const std::string& name) -> py::object {
                 PyModel& s = self.cast<PyModel&>();
@@ -525,15 +531,19 @@ PYBIND11_MODULE(_core, m) {
     });
     k.def(
         "attention_seconds",
-        [](const std::string& isa, int G, int D, int T, bool f16, int caches, int threads, int reps) {
+        [](const std::string& isa, int G, int D, int T, const std::string& kv, int caches, int threads, int reps) {
             // Seconds per decode step of `caches` (layer, KV head) attentions over T keys each, split
-            // over `threads` as the model splits KV heads, the caches laid out as the model's and
-            // filled with values in [-1, 1]: as many caches as a model has (layers x KV heads) put
-            // them in DRAM, one keeps it in cache. Best of reps.
+            // over `threads` as the model splits KV heads, the caches (kv: f32, f16 or bf16) laid out
+            // as the model's and filled with values in [-1, 1]: as many caches as a model has (layers x
+            // KV heads) put them in DRAM, one keeps it in cache. Best of reps.
             const Kernels& K = kernels_or_throw(isa);
-            if (G < 1 || D < 1 || T < 1 || caches < 1 || threads < 1 || reps < 1 || G > 64 || D > 1024)
-                throw InvalidArgument("attention_seconds: G, D, T, caches, threads, reps >= 1 (G <= 64, D <= 1024)");
-            const size_t per = checked_mul(key_positions(T), size_t(D)), esz = f16 ? 2 : 4;
+            if (G < 1 || D < 1 || T < 1 || caches < 1 || threads < 1 || reps < 1 || G > 64 || D > 1024 || D % 2)
+                throw InvalidArgument(
+                    "attention_seconds: G, D, T, caches, threads, reps >= 1 (G <= 64, D even and <= 1024)");
+            const DType dt = parse_dtype(kv);
+            if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16)
+                throw InvalidArgument("attention_seconds: kv is f32, f16 or bf16");
+            const size_t per = checked_mul(key_positions(T), size_t(D)), esz = dtype_size(dt);
             AlignedBuffer kc(checked_mul(checked_mul(per, size_t(caches)), esz));
             AlignedBuffer vc(checked_mul(checked_mul(per, size_t(caches)), esz));
             std::vector<float> q(size_t(G) * D);
@@ -541,7 +551,8 @@ PYBIND11_MODULE(_core, m) {
             auto next = [&x] { return (x = x * 1664525u + 1013904223u) / 2147483648.f - 1.f; };
             for (float& v : q) v = next();
             for (size_t i = 0; i < per * caches; i++) {
-                if (f16) kc.as<uint16_t>()[i] = f32_to_f16(next()), vc.as<uint16_t>()[i] = f32_to_f16(next());
+                if (dt == DType::F16) kc.as<uint16_t>()[i] = f32_to_f16(next()), vc.as<uint16_t>()[i] = f32_to_f16(next());
+                else if (dt == DType::BF16) kc.as<uint16_t>()[i] = f32_to_bf16(next()), vc.as<uint16_t>()[i] = f32_to_bf16(next());
                 else kc.as<float>()[i] = next(), vc.as<float>()[i] = next();
             }
             std::vector<std::vector<float>> scratch(size_t(threads), std::vector<float>(attention_scratch_floats(G, T, D)));
@@ -555,53 +566,72 @@ PYBIND11_MODULE(_core, m) {
                     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
                     for (int c = tid; c < caches; c += nth) {
                         const size_t o = size_t(c) * per;
-                        if (f16)
-                            K.attention_f16(q.data(), G, D, kc.as<uint16_t>() + o, vc.as<uint16_t>() + o, T, 0.125f,
-                                            scratch[size_t(tid)].data(), out[size_t(tid)].data(), nullptr);
+                        float* sc = scratch[size_t(tid)].data();
+                        float* ot = out[size_t(tid)].data();
+                        if (dt == DType::F16)
+                            K.attention_f16(q.data(), G, D, kc.as<uint16_t>() + o, vc.as<uint16_t>() + o, T, 0.125f, sc, ot,
+                                            nullptr);
+                        else if (dt == DType::BF16)
+                            K.attention_bf16(q.data(), G, D, kc.as<uint16_t>() + o, vc.as<uint16_t>() + o, T, 0.125f, sc,
+                                             ot, nullptr);
                         else
-                            K.attention_f32(q.data(), G, D, kc.as<float>() + o, vc.as<float>() + o, T, 0.125f,
-                                            scratch[size_t(tid)].data(), out[size_t(tid)].data(), nullptr);
+                            K.attention_f32(q.data(), G, D, kc.as<float>() + o, vc.as<float>() + o, T, 0.125f, sc, ot,
+                                            nullptr);
                     }
                 }
                 best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
             }
             return best;
         },
-        py::arg("isa"), py::arg("G"), py::arg("D"), py::arg("T"), py::arg("f16") = true, py::arg("caches") = 1,
+        py::arg("isa"), py::arg("G"), py::arg("D"), py::arg("T"), py::arg("kv") = "f16", py::arg("caches") = 1,
         py::arg("threads") = 1, py::arg("reps") = 10);
     k.def(
         "attention",
-        [](const std::string& isa, F32Array q, py::array keys, py::array values, float scale, bool return_lse) -> py::object {
-        // keys and values: float32, or float16 (held as the cache holds them); with return_lse, also
-        // each head's log-sum-exp of its scores
+        [](const std::string& isa, F32Array q, py::array keys, py::array values, float scale, bool return_lse,
+           bool bf16) -> py::object {
+        // keys and values: float32, or float16 (held as the cache holds them); or, with bf16, float32
+        // that are rounded to bf16 and laid out as a bf16 cache; with return_lse, also each head's
+        // log-sum-exp of its scores
         const Kernels& K = kernels_or_throw(isa);
         const bool f16 = keys.dtype().is(py::dtype("float16"));
         if (f16 != values.dtype().is(py::dtype("float16")) || (!f16 && !keys.dtype().is(py::dtype::of<float>())) ||
             (!f16 && !values.dtype().is(py::dtype::of<float>())))
             throw InvalidArgument("attention: K and V are both float32 or both float16");
+        if (bf16 && f16) throw InvalidArgument("attention: bf16 takes K and V as float32");
         if (q.ndim() != 2 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(1) != q.shape(1) ||
             values.shape(0) != keys.shape(0) || values.shape(1) != q.shape(1) || keys.shape(0) < 1)
             throw InvalidArgument("attention: q [G,D], K [T,D], V [T,D], T >= 1");
         const int G = int(q.shape(0)), D = int(q.shape(1)), T = int(keys.shape(0));
+        if (bf16 && D % 2) throw InvalidArgument("attention: a bf16 cache needs an even head size");
         const py::array kc = py::array::ensure(keys, py::array::c_style), vc = py::array::ensure(values, py::array::c_style);
         std::vector<float> scratch(attention_scratch_floats(G, T, D));
         py::array_t<float> out({G, D});
         py::array_t<float> lse(G);
         float* lse_p = return_lse ? lse.mutable_data() : nullptr;
-        // K into key blocks as the cache holds it; the unused lanes of the last block are NaN, which
-        // must not reach the output
-        auto blocked = [&](auto* src, auto fill) {
+        // K (and a bf16 V) as the cache lays them out; the unused positions of the last key block are
+        // NaN, which must not reach the output
+        auto blocked = [&](auto* src, auto fill, auto offset) {
             std::vector<std::remove_const_t<std::remove_pointer_t<decltype(src)>>> kb(key_positions(T) * D, fill);
             for (int t = 0; t < T; t++)
-                for (int d = 0; d < D; d++) kb[key_offset(t, d, D)] = src[size_t(t) * D + d];
+                for (int d = 0; d < D; d++) kb[offset(t, d, D)] = src[size_t(t) * D + d];
             return kb;
         };
-        if (f16) {
-            const auto kb = blocked(static_cast<const uint16_t*>(kc.data()), uint16_t(0x7e00));
+        if (bf16) {
+            auto rounded = [&](const py::array& a) {
+                std::vector<uint16_t> r(size_t(T) * D);
+                for (size_t i = 0; i < r.size(); i++) r[i] = f32_to_bf16(static_cast<const float*>(a.data())[i]);
+                return r;
+            };
+            const auto kr = rounded(kc), vr = rounded(vc);
+            const auto kb = blocked(kr.data(), uint16_t(0x7fc0), key_offset_bf16);
+            const auto vb = blocked(vr.data(), uint16_t(0x7fc0), value_offset_bf16);
+            K.attention_bf16(q.data(), G, D, kb.data(), vb.data(), T, scale, scratch.data(), out.mutable_data(), lse_p);
+        } else if (f16) {
+            const auto kb = blocked(static_cast<const uint16_t*>(kc.data()), uint16_t(0x7e00), key_offset);
             K.attention_f16(q.data(), G, D, kb.data(), static_cast<const uint16_t*>(vc.data()), T, scale,
                             scratch.data(), out.mutable_data(), lse_p);
         } else {
-            const auto kb = blocked(static_cast<const float*>(kc.data()), std::numeric_limits<float>::quiet_NaN());
+            const auto kb = blocked(static_cast<const float*>(kc.data()), std::numeric_limits<float>::quiet_NaN(), key_offset);
             K.attention_f32(q.data(), G, D, kb.data(), static_cast<const float*>(vc.data()), T, scale, scratch.data(),
                             out.mutable_data(), lse_p);
         }
@@ -609,5 +639,5 @@ PYBIND11_MODULE(_core, m) {
         return std::move(out);
     },
         py::arg("isa"), py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"),
-        py::arg("return_lse") = false);
+        py::arg("return_lse") = false, py::arg("bf16") = false);
 }

@@ -5,8 +5,10 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
+#include <unistd.h>
 #define QWEN2RT_HAVE_MMAP 1
 #endif
+#include <cerrno>
 
 namespace qwen2rt {
 
@@ -44,6 +46,29 @@ AlignedBuffer::~AlignedBuffer() {
     }
 #endif
     std::free(ptr_);
+}
+
+void OwnedFd::reset() {
+#if QWEN2RT_HAVE_MMAP
+    if (fd_ >= 0) close(fd_);
+#endif
+    fd_ = -1;
+}
+
+bool read_at(int fd, void* buf, size_t bytes, uint64_t offset) {
+#if QWEN2RT_HAVE_MMAP
+    auto* p = static_cast<char*>(buf);
+    while (bytes > 0) {
+        const ssize_t got = pread(fd, p, bytes, off_t(offset));
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) return false;
+        p += got, bytes -= size_t(got), offset += uint64_t(got);
+    }
+    return true;
+#else
+    (void)fd, (void)buf, (void)bytes, (void)offset;
+    return false;
+#endif
 }
 
 }  // namespace qwen2rt

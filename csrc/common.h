@@ -9,6 +9,8 @@
 
 #include "numeric.h"
 
+#include <utility>
+
 namespace qwen2rt {
 
 // Element type of a weight matrix (or of a source tensor handed over by the loader). Q8 and Q4 are
@@ -83,6 +85,28 @@ class AlignedBuffer {
     size_t size_ = 0;
     bool mapped_ = false;
 };
+
+// A file descriptor, closed with its owner.
+class OwnedFd {
+  public:
+    OwnedFd() = default;
+    explicit OwnedFd(int fd) : fd_(fd) {}
+    ~OwnedFd() { reset(); }
+    OwnedFd(OwnedFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+    OwnedFd& operator=(OwnedFd&& o) noexcept {
+        if (this != &o) reset(), fd_ = std::exchange(o.fd_, -1);
+        return *this;
+    }
+    OwnedFd(const OwnedFd&) = delete;
+    OwnedFd& operator=(const OwnedFd&) = delete;
+    int get() const { return fd_; }
+    void reset();
+
+  private:
+    int fd_ = -1;
+};
+// Reads exactly `bytes` at `offset` of fd (retrying short reads); false at end of file or on error.
+bool read_at(int fd, void* buf, size_t bytes, uint64_t offset);
 
 // a*b for sizes, throwing instead of wrapping around.
 inline size_t checked_mul(size_t a, size_t b) {

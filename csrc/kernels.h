@@ -46,6 +46,11 @@ struct Kernels {
                           float scale, float* scratch, float* out, float* lse);
     void (*attention_f16)(const float* q, int G, int head_dim, const uint16_t* K, const uint16_t* V, int n_keys,
                           float scale, float* scratch, float* out, float* lse);
+    // The same over a bf16 cache, laid out for bf16 pair dot products (key_offset_bf16,
+    // value_offset_bf16; head_dim even). q is rounded to bf16 first (as the f16 kernels' K is
+    // rounded to f16 when stored); the AVX-512 kernel also rounds the probabilities to bf16.
+    void (*attention_bf16)(const float* q, int G, int head_dim, const uint16_t* K, const uint16_t* V, int n_keys,
+                           float scale, float* scratch, float* out, float* lse);
 
     // y[i] += x[i]
     void (*add)(float* y, const float* x, int n);
@@ -70,8 +75,22 @@ constexpr int kKeyBlock = 8;
 inline size_t key_offset(int t, int d, int head_dim) {
     return (size_t(t / kKeyBlock) * size_t(head_dim) + size_t(d)) * kKeyBlock + size_t(t % kKeyBlock);
 }
-// Positions a cache of n positions allocates: whole key blocks.
-inline size_t key_positions(int n) { return (size_t(n) + kKeyBlock - 1) / kKeyBlock * kKeyBlock; }
+// A bf16 cache is laid out for `vdpbf16ps`, which sums the products of pairs of adjacent bf16s into
+// one f32 lane: keys in blocks of 16 positions with the dimensions in pairs,
+// [t / 16][d / 2][t % 16][d % 2], so that one 64-byte load is two dimensions of 16 keys (16 scores
+// a dot product); values with the positions in pairs, [t / 2][d][t % 2], so that one load is two
+// positions of 16 dimensions.
+constexpr int kKeyBlockBf16 = 16;
+inline size_t key_offset_bf16(int t, int d, int head_dim) {
+    return (size_t(t / kKeyBlockBf16) * size_t(head_dim) + size_t(d & ~1)) * kKeyBlockBf16 + size_t(t % kKeyBlockBf16) * 2 +
+           size_t(d & 1);
+}
+inline size_t value_offset_bf16(int t, int d, int head_dim) {
+    return (size_t(t / 2) * size_t(head_dim) + size_t(d)) * 2 + size_t(t % 2);
+}
+// Positions a cache of n positions allocates: whole key blocks of either layout. A range of keys that
+// starts at a multiple of 16 starts at element t0 * head_dim in every layout.
+inline size_t key_positions(int n) { return (size_t(n) + kKeyBlockBf16 - 1) / kKeyBlockBf16 * kKeyBlockBf16; }
 
 // Keys are taken kAttnBlock at a time (whole key blocks), each block of K, then of V, read from L1
 // by every group of heads.
@@ -82,9 +101,10 @@ constexpr int kAttnBlock = 32;
 // in L1; L1 at 1 block 1.2x, at 2 blocks 1.4x (prefetched lines evicted before use); none 1.6x. On
 // Zen 3, one block ahead was too close for L1: the first loads of a block waited.
 constexpr int kAttnAhead = 2 * kAttnBlock;
-// Scores: G rows of n_keys (the portable kernel's two passes), or of one block (the AVX2 pass).
-inline size_t attention_scratch_floats(int G, int n_keys, int /*head_dim*/) {
-    return size_t(G) * size_t(n_keys > kAttnBlock ? n_keys : kAttnBlock);
+// Scores: G rows of n_keys (the portable kernel's two passes), or of one block (the AVX2 pass); then
+// G rows of head_dim (q rounded to bf16).
+inline size_t attention_scratch_floats(int G, int n_keys, int head_dim) {
+    return size_t(G) * (size_t(n_keys > kAttnBlock ? n_keys : kAttnBlock) + size_t(head_dim));
 }
 
 const Kernels* kernels_generic();

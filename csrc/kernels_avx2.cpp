@@ -648,6 +648,7 @@ static void matmul_q4(const int8_t* xq, const float* xd, const int32_t* xs, int 
 
 static const Kernels table = {
     "avx2",        matmul_f32, matmul_bf16, rmsnorm,  rope_portable, silu_mul, attention_f32, attention_f16,
+    attention_bf16_portable,  // no bf16 dot product in AVX2: the portable loops, vectorised for AVX2
     add_portable,
     quantize_acts,          matmul_q8,  matmul_q4,
 };

@@ -125,7 +125,8 @@ size_t KVCache::bytes_needed(int layers, int kv_heads, int head_dim, int max_con
 
 KVCache::KVCache(int layers, int kv_heads, int head_dim, int max_context, DType dtype)
     : kv_heads_(kv_heads), head_dim_(head_dim), max_context_(max_context), dtype_(dtype) {
-    if (dtype != DType::F32 && dtype != DType::F16) throw InvalidArgument("the KV cache holds f32 or f16");
+    if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
+        throw InvalidArgument("the KV cache holds f32, f16 or bf16");
     const size_t half = bytes_needed(layers, kv_heads, head_dim, max_context, dtype) / 2;
     k_ = AlignedBuffer(half);
     v_ = AlignedBuffer(half);
@@ -157,7 +158,7 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
 #endif
 
     layers_.resize(cfg.num_layers);
-    set_sequences(1);  // KVCache refuses a kv_dtype other than f32 or f16
+    set_sequences(1);  // KVCache refuses a kv_dtype other than f32, f16 or bf16
     row_seq_.resize(kChunk);
     row_pos_.resize(kChunk);
 
@@ -347,6 +348,7 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     std::vector<float>* v = m ? nullptr : find_vector(name, len);
     if (!m && !v) throw InvalidArgument("unexpected tensor '" + name + "' for this Qwen2 config");
     if (name == "lm_head.weight" && cfg_.tie_word_embeddings) return false;  // tied: the embedding serves
+    if (m == &embed_tokens_) embed_file_.reset();  // a new table is read from wherever it is now
 
     auto shape_str = [](const std::vector<int64_t>& s) {
         std::string out = "[";
@@ -538,8 +540,13 @@ size_t Qwen2Model::weight_bytes() const {
 void Qwen2Model::store_kv(int seq, int layer, int head, int pos, const float* k, const float* v) {
     const int D = cfg_.head_dim;
     KVCache& cache = caches_[size_t(seq)];
-    // keys go into their key block (kernels.h), values are rows
-    if (cache.dtype() == DType::F16) {
+    // keys go into their key block (kernels.h), values are rows (f32, f16) or row pairs (bf16)
+    if (cache.dtype() == DType::BF16) {
+        uint16_t* kc = cache.keys<uint16_t>(layer, head);
+        uint16_t* vc = cache.values<uint16_t>(layer, head);
+        for (int i = 0; i < D; i++)
+            kc[key_offset_bf16(pos, i, D)] = f32_to_bf16(k[i]), vc[value_offset_bf16(pos, i, D)] = f32_to_bf16(v[i]);
+    } else if (cache.dtype() == DType::F16) {
         uint16_t* kc = cache.keys<uint16_t>(layer, head);
         uint16_t* vc = cache.values<uint16_t>(layer, head) + size_t(pos) * D;
         for (int i = 0; i < D; i++) kc[key_offset(pos, i, D)] = f32_to_f16(k[i]), vc[i] = f32_to_f16(v[i]);
@@ -550,21 +557,62 @@ void Qwen2Model::store_kv(int seq, int layer, int head, int pos, const float* k,
     }
 }
 
-void Qwen2Model::embed(int token, float* out) const {
-    const size_t H = cfg_.hidden_size;
+void Qwen2Model::embedding_span(int token, size_t& begin, size_t& bytes, int& row) const {
     const Matrix& E = embed_tokens_;
+    size_t group_rows = 1;
+    if (E.gguf_type >= 0) bytes = gguf_dequant_src_bytes(E.gguf_type, E.cols);  // whole blocks
+    else if (E.dtype == DType::F32) bytes = size_t(E.cols) * 4;
+    else if (E.dtype == DType::BF16) group_rows = kBf16Rows, bytes = size_t(q_blocks(E.cols)) * kBf16Rows * kQBlock * 2;
+    else group_rows = kQRows, bytes = size_t(q_blocks(E.cols)) * (E.dtype == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes);
+    begin = size_t(token) / group_rows * bytes;
+    row = int(size_t(token) % group_rows);
+}
+
+void Qwen2Model::read_embedding_from_file(int fd, uint64_t offset) {
+    OwnedFd file(fd);
+    const Matrix& E = embed_tokens_;
+    if (!E.data || E.owned.data() || E.room)
+        throw InvalidArgument("read_embedding_from_file: the embedding is not borrowed from a file");
+    size_t begin, bytes;
+    int row;
+    embedding_span(cfg_.vocab_size - 1, begin, bytes, row);  // the table's last span
+    uint8_t last;
+    if (!read_at(file.get(), &last, 1, offset + begin + bytes - 1))
+        throw InvalidArgument("read_embedding_from_file: the file ends before the embedding table does");
+    embed_file_ = std::move(file);
+    embed_offset_ = offset;
+}
+
+const uint8_t* Qwen2Model::read_embedding_rows(const int32_t* tokens, int n) {
+    if (embed_file_.get() < 0) return nullptr;
+    size_t begin, bytes;
+    int row;
+    embedding_span(0, begin, bytes, row);
+    if (embed_rows_.size() < size_t(n) * bytes) embed_rows_.resize(size_t(kChunk) * bytes);
+    for (int t = 0; t < n; t++) {
+        embedding_span(tokens[t], begin, bytes, row);
+        if (!read_at(embed_file_.get(), embed_rows_.data() + size_t(t) * bytes, bytes, embed_offset_ + begin))
+            throw InvalidArgument("the embedding table could not be read from its file (changed since loading?)");
+    }
+    return embed_rows_.data();
+}
+
+void Qwen2Model::embed(int token, float* out, const uint8_t* rows, int t) const {
+    const Matrix& E = embed_tokens_;
+    size_t begin, bytes;
+    int row;
+    embedding_span(token, begin, bytes, row);
+    // the span holding the row: read from the file, or in the table; the row is `row` of it
+    const uint8_t* span = rows ? rows + size_t(t) * bytes : static_cast<const uint8_t*>(E.data) + begin;
     if (E.gguf_type >= 0) {  // GGUF blocks: the row is whole blocks (set_tensor checked the format)
-        const size_t row = gguf_dequant_src_bytes(E.gguf_type, E.cols);
-        dequantize_gguf(E.gguf_type, static_cast<const uint8_t*>(E.data) + size_t(token) * row, row, out, E.cols, 1);
+        dequantize_gguf(E.gguf_type, span, bytes, out, E.cols, 1);
         return;
     }
     switch (E.dtype) {
-        case DType::F32:
-            std::memcpy(out, static_cast<const float*>(E.data) + size_t(token) * H, H * 4);
-            break;
-        case DType::Q8: dequantize_row_q8(static_cast<const uint8_t*>(E.data), E.cols, token, out); break;
-        case DType::Q4: dequantize_row_q4(static_cast<const uint8_t*>(E.data), E.cols, token, out); break;
-        default: unpack_row_bf16(static_cast<const uint16_t*>(E.data), E.cols, token, out);
+        case DType::F32: std::memcpy(out, span, bytes); break;
+        case DType::Q8: dequantize_row_q8(span, E.cols, row, out); break;
+        case DType::Q4: dequantize_row_q4(span, E.cols, row, out); break;
+        default: unpack_row_bf16(reinterpret_cast<const uint16_t*>(span), E.cols, row, out);
     }
 }
 
@@ -659,6 +707,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
     const int QD = c.num_heads * D, KVD = c.num_kv_heads * D, G = c.num_heads / c.num_kv_heads;
     const float eps = c.rms_norm_eps;
     const float scale = float(1.0 / std::sqrt(double(D)));
+    const uint8_t* embed_rows = read_embedding_rows(tokens, n);  // nullptr: read from the table
     // q/k/v rows are split in whole heads (a thread ropes its own heads) and whole 16-row groups
     // (the packed q8/q4 layouts start a thread's share on a group boundary).
     const int heads_align = std::lcm(D, kQRows);
@@ -681,7 +730,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
         // Token embeddings, and cos|sin of each position as transformers computes them in float32:
         // inv_freq = 1 / theta^(2i/D), angle = position * inv_freq.
         for (int t = team.tid; t < n; t += team.nth) {
-            embed(tokens[t], x + size_t(t) * H);
+            embed(tokens[t], x + size_t(t) * H, embed_rows, t);
             float* cs = rope + size_t(t) * D;
             for (int i = 0; i < half; i++) {
                 const float inv_freq = 1.0f / std::pow(float(c.rope_theta), float(2 * i) / float(D));
@@ -727,7 +776,10 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             auto attend = [&](int h, int t, int k0, int k1, float* out, float* lse) {
                 const float* qt = q + size_t(t) * QD + size_t(h) * G * D;
                 KVCache& cache = caches_[size_t(seq[t])];
-                if (cache.dtype() == DType::F16)
+                if (cache.dtype() == DType::BF16)
+                    K.attention_bf16(qt, G, D, cache.keys<uint16_t>(l, h) + size_t(k0) * D,
+                                     cache.values<uint16_t>(l, h) + size_t(k0) * D, k1 - k0, scale, scratch, out, lse);
+                else if (cache.dtype() == DType::F16)
                     K.attention_f16(qt, G, D, cache.keys<uint16_t>(l, h) + key_offset(k0, 0, D),
                                     cache.values<uint16_t>(l, h) + size_t(k0) * D, k1 - k0, scale, scratch, out, lse);
                 else

@@ -69,8 +69,9 @@ struct LayerWeights {
 // Keys and values of every layer for max_context positions, allocated once (pages are only made
 // resident as positions are written). Layout [layer][kv_head][positions], so that the attention for
 // one KV head reads one contiguous block: values as rows [position][head_dim], keys in key blocks
-// (kernels.h), the positions rounded up to whole blocks. Elements are f32 or IEEE f16: f16 halves
-// what a long-context decode step reads (the keys and values themselves are computed in f32).
+// (kernels.h), the positions rounded up to whole blocks. Elements are f32, IEEE f16 or bf16: 16 bits
+// halve what a long-context decode step reads (the keys and values themselves are computed in f32),
+// and a bf16 cache, laid out for bf16 dot products (kernels.h), halves the attention's arithmetic.
 class KVCache {
   public:
     KVCache() = default;
@@ -95,8 +96,8 @@ class KVCache {
 
 class Qwen2Model {
   public:
-    // Checks the configuration (throws InvalidArgument) and allocates the KV cache (f32 or f16)
-    // and scratch.
+    // Checks the configuration (throws InvalidArgument) and allocates the KV cache (f32, f16 or
+    // bf16) and scratch.
     Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, int max_context, DType kv_dtype);
 
     // Hands over one tensor under its Hugging Face name ("model.layers.3.self_attn.q_proj.weight").
@@ -119,6 +120,12 @@ class Qwen2Model {
         int gguf_type = -1;  // >= 0: GGUF blocks of this ggml type (Matrix::gguf_type)
     };
     TensorView tensor_view(const std::string& name);
+    // From now on the embedding's rows are read with pread from `fd` (which the model then owns and
+    // closes), where the borrowed table starts at `offset`, not through the caller's mapping: reading
+    // a row through a file mapping makes the cached pages around it resident too (the kernel maps up
+    // to 64 KiB around a fault), so a long prompt made tens of MB of an untied table resident. Throws
+    // InvalidArgument if the embedding is not borrowed or the file is shorter than the table.
+    void read_embedding_from_file(int fd, uint64_t offset);
     // Names of the tensors still missing (empty when the model is ready).
     std::vector<std::string> missing_tensors() const;
 
@@ -161,7 +168,15 @@ class Qwen2Model {
                        bool all_logits, const std::function<bool()>& interrupted);
     void check_tokens(const int32_t* tokens, int n) const;
     void check_ready();
-    void embed(int token, float* out) const;
+    // Token t's embedding row into out; rows != nullptr: the bytes read from the file for token t
+    // (read_embedding_rows), else the table itself.
+    void embed(int token, float* out, const uint8_t* rows, int t) const;
+    // The bytes of the embedding that hold a token's row: [begin, begin + bytes) of the table, where
+    // it is row `row` (a packed table is read a group of rows at a time).
+    void embedding_span(int token, size_t& begin, size_t& bytes, int& row) const;
+    // With the embedding read from its file: each token's span, read into embed_rows_ (throws
+    // InvalidArgument if the file has become shorter). nullptr otherwise.
+    const uint8_t* read_embedding_rows(const int32_t* tokens, int n);
     // Writes one position's key (after RoPE) and value of one KV head into a sequence's cache.
     void store_kv(int seq, int layer, int head, int pos, const float* k, const float* v);
     Matrix* find_matrix(const std::string& name, int& rows, int& cols);
@@ -177,6 +192,9 @@ class Qwen2Model {
     bool ready_ = false;           // every weight present (checked at the first forward)
 
     Matrix embed_tokens_;
+    OwnedFd embed_file_;               // read_embedding_from_file
+    uint64_t embed_offset_ = 0;
+    std::vector<uint8_t> embed_rows_;  // [chunk, span]: rows read from it for one chunk
     std::vector<LayerWeights> layers_;
     WeightArena arena_;  // the small matrices made at load
     std::vector<float> norm_;

@@ -43,8 +43,23 @@ def test_matmul_bf16(isa, M, K, N):
     X = rng.standard_normal((M, K)).astype(np.float32)
     bits, Wf = bf16_bits(rng.standard_normal((N, K)))
     b = rng.standard_normal(N).astype(np.float32)
-    want = X.astype(np.float64) @ Wf.T.astype(np.float64) + b
+    want = bf16_tokens(isa, M, X).astype(np.float64) @ Wf.T.astype(np.float64) + b
     close(_core.kernels.matmul(isa, X, bits, b), want)
+
+
+def bf16_tokens(isa, M, X):
+    """X as the bf16 matmul multiplies it: the AVX-512 prefill (M > 1) rounds the tokens to bf16 and
+    sums exact products in f32; every other path multiplies the f32 tokens."""
+    return bf16_bits(X)[1] if isa == "avx512" and M > 1 else X
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_matmul_bf16_large(isa):
+    # more tokens than one 64-token block, rows in several packed groups with a part-filled last one
+    X = rng.standard_normal((130, 300)).astype(np.float32)
+    bits, Wf = bf16_bits(rng.standard_normal((75, 300)))
+    want = bf16_tokens(isa, 130, X).astype(np.float64) @ Wf.T.astype(np.float64)
+    close(_core.kernels.matmul(isa, X, bits), want)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -98,46 +113,67 @@ def attention_ref(q, K, V, scale):
     return p @ V.astype(np.float64)
 
 
+# The cache's element types: numpy float32 / float16 arrays are held as they are; "bf16" passes float32
+# that the binding rounds to bf16 and lays out as a bf16 cache (kernels.h).
+KV_TYPES = [np.float32, np.float16, "bf16"]
+
+
+def kv_values(a, kv):
+    """a as the cache stores it (float32 for bf16: the binding rounds it exactly so)."""
+    return bf16_bits(a)[1] if kv == "bf16" else a.astype(kv)
+
+
+def attend(isa, q, K, V, scale, kv, **kw):
+    """The kernel, and the reference over what it sees: the stored K and V; with a bf16 cache, q
+    rounded to bf16 too. The SIMD bf16 kernel also rounds the probabilities to bf16: each is off by at
+    most 2^-9 of itself, so the output by under 2^-8 of the largest value."""
+    bf16 = kv == "bf16"
+    got = _core.kernels.attention(isa, q, K, V, scale, bf16=bf16, **kw)
+    qr = bf16_bits(q)[1] if bf16 else q
+    return got, attention_ref(qr, K, V, scale), 4e-3 if bf16 else 1e-5
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kv", [np.float32, np.float16])
+@pytest.mark.parametrize("kv", KV_TYPES)
 @pytest.mark.parametrize("G", [1, 2, 5, 7, 8, 13, 17])
 @pytest.mark.parametrize("D", [6, 16, 24, 64, 128])
 @pytest.mark.parametrize("T", [1, 3, 8, 16, 17, 40, 200])
 def test_attention(isa, kv, G, D, T):
-    # K and V as the cache holds them (f32 or f16); the reference sees the same stored values
+    # K and V as the cache holds them (f32, f16 or bf16); the reference sees the same stored values
     q = (2 * rng.standard_normal((G, D))).astype(np.float32)
-    K = (2 * rng.standard_normal((T, D))).astype(kv)
-    V = rng.standard_normal((T, D)).astype(kv)
-    scale = 1 / np.sqrt(D)
-    close(_core.kernels.attention(isa, q, K, V, scale), attention_ref(q, K, V, scale))
+    K = kv_values(2 * rng.standard_normal((T, D)), kv)
+    V = kv_values(rng.standard_normal((T, D)), kv)
+    got, want, tol = attend(isa, q, K, V, 1 / np.sqrt(D), kv)
+    close(got, want, tol)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kv", [np.float32, np.float16])
-@pytest.mark.parametrize("G,D", [(1, 16), (7, 64), (13, 24)])
+@pytest.mark.parametrize("kv", KV_TYPES)
+@pytest.mark.parametrize("G,D", [(1, 16), (7, 64), (13, 24), (12, 128)])
 def test_attention_lse_merges_key_ranges(isa, kv, G, D):
     # with return_lse the kernel gives each head's log-sum-exp of its scaled scores; the outputs of
     # disjoint key ranges, weighted by exp(lse_r), merge into the output over all keys (split-KV)
     T = 300
     q = (2 * rng.standard_normal((G, D))).astype(np.float32)
-    K = (2 * rng.standard_normal((T, D))).astype(kv)
-    V = rng.standard_normal((T, D)).astype(kv)
+    K = kv_values(2 * rng.standard_normal((T, D)), kv)
+    V = kv_values(rng.standard_normal((T, D)), kv)
     scale = 1 / np.sqrt(D)
-    s = scale * (q.astype(np.float64) @ K.T.astype(np.float64))
-    out, lse = _core.kernels.attention(isa, q, K, V, scale, return_lse=True)
-    close(out, attention_ref(q, K, V, scale))
+    (out, lse), want, tol = attend(isa, q, K, V, scale, kv, return_lse=True)
+    close(out, want, tol)
+    qr = bf16_bits(q)[1] if kv == "bf16" else q
+    s = scale * (qr.astype(np.float64) @ K.T.astype(np.float64))
     want_lse = s.max(1) + np.log(np.exp(s - s.max(1, keepdims=True)).sum(1))
-    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5 if kv != "bf16" else 2e-3)
     ranges = ((0, 96), (96, 160), (160, T))
-    parts = [_core.kernels.attention(isa, q, K[a:b], V[a:b], scale, return_lse=True) for a, b in ranges]
+    parts = [attend(isa, q, K[a:b], V[a:b], scale, kv, return_lse=True)[0] for a, b in ranges]
     lses = np.stack([p[1] for p in parts]).astype(np.float64)
     w = np.exp(lses - lses.max(0))
     merged = sum(w[i][:, None] * parts[i][0] for i in range(3)) / w.sum(0)[:, None]
-    close(merged, attention_ref(q, K, V, scale))
+    close(merged, want, tol)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kv", [np.float32, np.float16])
+@pytest.mark.parametrize("kv", KV_TYPES)
 @pytest.mark.parametrize("G", [1, 7])
 def test_attention_rising_scores(isa, kv, G):
     # scores that climb block after block: the running max moves on every block, and what the first
@@ -145,23 +181,25 @@ def test_attention_rising_scores(isa, kv, G):
     D, T = 64, 300
     u = np.zeros(D, np.float32)
     u[3] = 1.0
-    K = (np.linspace(-4, 4, T)[:, None] * u + 0.01 * rng.standard_normal((T, D))).astype(kv)
-    V = rng.standard_normal((T, D)).astype(kv)
+    K = kv_values(np.linspace(-4, 4, T)[:, None] * u + 0.01 * rng.standard_normal((T, D)), kv)
+    V = kv_values(rng.standard_normal((T, D)), kv)
     q = np.tile(u * 3, (G, 1)).astype(np.float32)
-    close(_core.kernels.attention(isa, q, K, V, 1.0), attention_ref(q, K, V, 1.0))
+    got, want, tol = attend(isa, q, K, V, 1.0, kv)
+    close(got, want, tol)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kv", [np.float32, np.float16])
+@pytest.mark.parametrize("kv", KV_TYPES)
 def test_attention_peaked(isa, kv):
     # one key dominates: softmax must not overflow, and the output must be that key's value
     D, T = 64, 50
-    K = rng.standard_normal((T, D)).astype(kv)
-    V = rng.standard_normal((T, D)).astype(kv)
+    K = kv_values(rng.standard_normal((T, D)), kv)
+    V = kv_values(rng.standard_normal((T, D)), kv)
     q = (K[17].astype(np.float32) * 40)[None]
-    got = _core.kernels.attention(isa, q, K, V, 1.0)
+    got, want, tol = attend(isa, q, K, V, 1.0, kv)
     assert np.isfinite(got).all()
-    close(got, attention_ref(q, K, V, 1.0))
+    close(got, want, tol)
+    np.testing.assert_allclose(got[0], V[17], atol=1e-6 if kv != "bf16" else 1e-2)
 
 
 def test_attention_rejects_mixed_kv_dtypes():
@@ -192,7 +230,8 @@ def test_read_bandwidth_reads_any_size():
 
 def test_attention_seconds_times_the_kernel():
     # benchmarks/attention.py's timer: a positive time, and bad sizes refused before allocating
-    assert 0 < _core.kernels.attention_seconds(ISAS[-1], 7, 64, 40, True, 3, 2, 2) < 10
-    assert 0 < _core.kernels.attention_seconds("generic", 2, 6, 9, False, 1, 1, 1) < 10
+    for kv in ("f32", "f16", "bf16"):
+        assert 0 < _core.kernels.attention_seconds(ISAS[-1], 7, 64, 40, kv, 3, 2, 2) < 10
+        assert 0 < _core.kernels.attention_seconds("generic", 2, 6, 9, kv, 1, 1, 1) < 10
     with pytest.raises(qwen2rt.InvalidInputError, match="attention_seconds"):
         _core.kernels.attention_seconds("generic", 0, 64, 40)

@@ -45,7 +45,10 @@ def test_prefill_then_decode_matches_transformers(checkpoint, isa):
     (relative to the largest logit) of transformers' float32 logits."""
     folder, ref, file_dtype = checkpoint
     # f32 weights; a bf16 file also runs as bf16 in memory: the same numbers, computed in f32 (with
-    # an f32 KV cache here: the f16 cache is checked on its own below).
+    # an f32 KV cache here: the f16 cache is checked on its own below). The AVX-512 bf16 prefill
+    # rounds its tokens to bf16 (kernels_avx512.cpp matmul_bf16_dot): 5e-3 off on these random models,
+    # where rounding the weights to bf16 moves the logits by 4e-3; tests/test_kernels.py checks it
+    # to 1e-5 against the rounded tokens.
     dtypes = ["f32"] + (["bf16"] if file_dtype == torch.bfloat16 else [])
     rng = np.random.default_rng(7)
     ids = rng.integers(0, ref.config.vocab_size, 57).tolist()
@@ -57,18 +60,20 @@ def test_prefill_then_decode_matches_transformers(checkpoint, isa):
             rows.append(m.forward([ids[i]], start_pos=i)[None])
         got = np.concatenate(rows)
         assert got.shape == want.shape
-        assert rel_err(got, want) < 1e-4, (dtype, rel_err(got, want))
+        tol = 1e-2 if dtype == "bf16" and isa == "avx512" else 1e-4
+        assert rel_err(got, want) < tol, (dtype, rel_err(got, want))
         assert m.cache_len == 57
 
 
-def test_f16_kv_cache(checkpoint, isa):
+def test_16bit_kv_caches(checkpoint, isa):
     """The f16 cache (the default for bf16/q8/q4 weights) rounds keys and values to 11 significant
-    bits: close to the f32 cache, through prefill and decode, and not identical to it."""
+    bits, the bf16 cache to 8 (and q to bf16 for the scores): close to the f32 cache, through prefill
+    and decode, and not identical to it."""
     folder, ref, _ = checkpoint
     rng = np.random.default_rng(9)
     ids = rng.integers(0, ref.config.vocab_size, 40).tolist()
     out = {}
-    for kv in ("f32", "f16"):
+    for kv in ("f32", "f16", "bf16"):
         m = qwen2rt.Model(folder, dtype="f32", max_context=64, kv_dtype=kv)
         assert m.info()["kv_dtype"] == kv
         rows = [m.forward(ids[:30], all_logits=True)]
@@ -77,6 +82,8 @@ def test_f16_kv_cache(checkpoint, isa):
         out[kv] = np.concatenate(rows)
     err = rel_err(out["f16"], out["f32"])
     assert 0 < err < 2e-3, err
+    err = rel_err(out["bf16"], out["f32"])  # measured 1.4e-3 to 2.5e-3 (f16: 1.5e-4 to 2.9e-4)
+    assert 0 < err < 5e-3, err
 
 
 def test_kv_dtype_defaults_and_choices(checkpoint):
@@ -86,6 +93,7 @@ def test_kv_dtype_defaults_and_choices(checkpoint):
     assert bf["kv_dtype"] == "f16"
     with pytest.raises(qwen2rt.InvalidInputError, match="kv_dtype"):
         qwen2rt.Model(folder, kv_dtype="q8", max_context=8)
+    assert qwen2rt.Model(folder, dtype="bf16", kv_dtype="bf16", max_context=8).info()["kv_dtype"] == "bf16"
 
 
 def test_long_prompt_in_chunks(checkpoint):
@@ -147,17 +155,17 @@ def test_rewinding_start_pos_reuses_the_prefix(checkpoint):
 def test_split_kv_decode_matches_transformers(tmp_path, isa, shape, threads):
     """Decode at a long context on more threads than KV heads cuts each head's keys into ranges
     (split-KV) and merges their outputs by log-sum-exp: the logits stay those of transformers and
-    of one thread (no split), with the f32 and the f16 cache."""
+    of one thread (no split), with the f32, f16 and bf16 caches."""
     ref = make_checkpoint(tmp_path, shape=shape, layers=2, max_position_embeddings=2048)
     rng = np.random.default_rng(13)
     ids = rng.integers(0, ref.config.vocab_size, 1100).tolist()
     want = reference_logits(ref, ids)
-    for kv in ("f32", "f16"):
+    for kv in ("f32", "f16", "bf16"):
         rows = {}
         for th in (1, threads):
             m = qwen2rt.Model(tmp_path, dtype="f32", threads=th, max_context=1200, kv_dtype=kv)
             m.forward(ids[:1090])
             rows[th] = np.stack([m.forward([ids[i]], start_pos=i) for i in range(1090, 1100)])
-        tol = 1e-4 if kv == "f32" else 3e-3
+        tol = {"f32": 1e-4, "f16": 3e-3, "bf16": 3e-3}[kv]  # bf16 measured 8.2e-4
         assert rel_err(rows[threads], want[1090:]) < tol, (kv, rel_err(rows[threads], want[1090:]))
         assert rel_err(rows[threads], rows[1]) < (1e-5 if kv == "f32" else 1e-4)

@@ -8,7 +8,7 @@ import torch
 
 import qwen2rt
 from qwen2rt import FormatError, InvalidInputError, UnsupportedModelError
-from tiny_model import edit_safetensors_header, make_checkpoint
+from tiny_model import edit_safetensors_header, make_checkpoint, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module", params=["q32", "gqa"])
@@ -401,3 +401,69 @@ def test_convert_cli_and_gguf_source(tmp_path):
     edit_safetensors_header(p, grow)
     with pytest.raises(FormatError, match="embed_tokens.*holds .* bytes, its shape .* as gguf:8 needs"):
         qwen2rt.Model(dst)
+
+
+def _mapped_rss_kb(path):
+    """Resident KiB of this process's mappings of a file (None without /proc/self/smaps)."""
+    try:
+        total, inside = 0, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                    inside = len(head) >= 6 and head[5] == str(path)
+                elif inside and head[0] == "Rss:":
+                    total += int(head[1])
+        return total
+    except OSError:
+        return None
+
+
+def test_untied_embedding_rows_read_from_the_file(tmp_path, monkeypatch):
+    # An untied embedding's rows are read with pread, not through the mapping: a row read through it
+    # maps the cached pages around it too (fault-around), and a long prompt made most of the table
+    # resident. Tokens 64 rows (16 KiB) apart: the same logits, and the mapping stays as it was.
+    import os
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=16384, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      max_position_embeddings=512)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)  # float32: a 4 MiB table
+    write_tiny_tokenizer(tmp_path)
+    file = (tmp_path / "model.safetensors").resolve()
+    ids = list(range(5, 16384, 64))
+
+    def run():
+        m = qwen2rt.Model(tmp_path, dtype="f32", max_context=512)
+        before = _mapped_rss_kb(file)
+        logits = m.forward(ids, all_logits=True)
+        grew = None if before is None else _mapped_rss_kb(file) - before
+        del m
+        return logits, grew
+
+    got, grew = run()
+    monkeypatch.delattr(os, "pread")  # rows read through the mapping, as before
+    want, grew_mapped = run()
+    np.testing.assert_array_equal(got, want)
+    if grew is not None:
+        assert grew < 64 and grew_mapped > 1024, (grew, grew_mapped)
+
+
+def test_embedding_file_checked(converted, tmp_path):
+    src, dst = converted
+    m = qwen2rt.Model(dst)
+    if m.config.tie_word_embeddings:
+        pytest.skip("a tied embedding is the lm_head: it is not read from the file")
+    import os
+
+    short = tmp_path / "short"
+    short.write_bytes(b"\0" * 100)
+    with pytest.raises(InvalidInputError, match="ends before the embedding"):
+        m._core.read_embedding_from_file(os.open(short, os.O_RDONLY), 0)
+    owned = qwen2rt.Model(src, dtype="q4")  # quantized at load: its embedding is its own
+    with pytest.raises(InvalidInputError, match="not borrowed"):
+        owned._core.read_embedding_from_file(os.open(short, os.O_RDONLY), 0)
+    np.testing.assert_array_equal(m.forward([1, 2, 3]), owned.forward([1, 2, 3]))

@@ -168,6 +168,11 @@ class HFCheckpoint:
         f = self.converted.file if self.converted is not None else self.files[name]
         f.evict(name)
 
+    def file_range(self, name: str) -> tuple[str, int]:
+        """The file that holds a tensor, and the offset of its first byte there."""
+        f = self.converted.file if self.converted is not None else self.files[name]
+        return f.file_range(name)
+
     def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
         if self.converted is not None:
             yield from self.converted.tensors()
@@ -325,6 +330,10 @@ class GGUFCheckpoint:
     def evict(self, name: str) -> None:
         """Drop a tensor's mapped pages from resident memory (see SafetensorsFile.evict)."""
         self.file.evict(self.names[name])
+
+    def file_range(self, name: str) -> tuple[str, int]:
+        """The file that holds a tensor, and the offset of its first byte there."""
+        return self.file.file_range(self.names[name])
 
     def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
         """Block formats come as their bytes ("gguf:<type>"): set_tensor makes them float32 a chunk of

@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None
                    help="weight type in memory (default: bf16, or a converted model's own)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: the cores available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's)")
-    p.add_argument("--kv-dtype", default=None, choices=["f16", "f32"],
+    p.add_argument("--kv-dtype", default=None, choices=["f16", "bf16", "f32"],
                    help="KV cache element type (default: f16, f32 for f32 weights)")
 
 

@@ -249,6 +249,10 @@ class GGUFFile:
         t = self.tensors[name]
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=self.data_start + t.offset)
 
+    def file_range(self, name: str) -> tuple[str, int]:
+        """The file that holds a tensor, and the offset of its first byte there."""
+        return self.path, self.data_start + self.tensors[name].offset
+
     def evict(self, name: str) -> None:
         """Drop a tensor's mapped pages from resident memory (safetensors_io.evict_pages)."""
         t = self.tensors[name]

@@ -28,7 +28,7 @@ Q4_KEEP_Q8 = ("lm_head", "v_proj")
 # Bits per weight of each matrix dtype (q8 / q4 include their f16 block scales; docs/formats.md).
 BITS_PER_WEIGHT = {"f32": 32.0, "bf16": 16.0, "q8": 8.5, "q4": 4.5}
 # KV cache element types and their bytes per value.
-KV_DTYPES = {"f16": 2, "f32": 4}
+KV_DTYPES = {"f16": 2, "bf16": 2, "f32": 4}
 
 
 def matrix_dtype_policy(dtype: str, overrides: dict[str, str] | None, tied: bool):
@@ -150,11 +150,18 @@ class Model:
             except InvalidInputError as e:  # a tensor the config does not expect, or of the wrong shape
                 raise FormatError(f"{path}: {e}") from None
             del array  # a dequantized GGUF tensor is float32: gone before the next one is made
-            # The file's pages of a tensor that was copied or converted are not read again; nor, but for
-            # the rows of the tokens seen, are those of an untied embedding (set_tensor's check read all
-            # of it). The OS keeps them in its page cache rather than in this process's RSS.
-            if not borrowed or (name == "model.embed_tokens.weight" and not self.config.tie_word_embeddings):
+            # The file's pages of a tensor that was copied or converted are not read again; nor are
+            # those of an untied embedding (set_tensor's check read all of it). The OS keeps them in
+            # its page cache rather than in this process's RSS.
+            gathered = name == "model.embed_tokens.weight" and not self.config.tie_word_embeddings
+            if not borrowed or gathered:
                 ckpt.evict(name)
+            if borrowed and gathered and hasattr(os, "pread"):
+                # Its rows are then read from the file (pread), not through the mapping: a row read
+                # through it maps the 64 KiB of cached pages around it too (the kernel's fault-around),
+                # and a 512-token prompt made 52 MB of a converted q4 0.5B's table resident that way.
+                file, offset = ckpt.file_range(name)
+                self._core.read_embedding_from_file(os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), offset)
         missing = self._core.missing_tensors()
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -138,6 +138,10 @@ class SafetensorsFile:
         if self._mm is not None:
             evict_pages(self._mm, self.data_start + t.begin, self.data_start + t.end)
 
+    def file_range(self, name: str) -> tuple[str, int]:
+        """The file that holds a tensor, and the offset of its first byte there."""
+        return self.path, self.data_start + self.tensors[name].begin
+
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view of the mapped file (bf16 as uint16 bits)."""
         t = self.tensors[name]
