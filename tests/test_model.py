@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qwen2rt
+from qwen2rt import _core
 from tiny_model import make_checkpoint
 
 # (shape, tied embeddings, file dtype, sharded safetensors)
@@ -94,6 +95,9 @@ def test_kv_dtype_defaults_and_choices(checkpoint):
     with pytest.raises(qwen2rt.InvalidInputError, match="kv_dtype"):
         qwen2rt.Model(folder, kv_dtype="q8", max_context=8)
     assert qwen2rt.Model(folder, dtype="bf16", kv_dtype="bf16", max_context=8).info()["kv_dtype"] == "bf16"
+    # q4 takes a bf16 cache where the kernels have bf16 dot products
+    want = "bf16" if _core.active_isa() == "avx512" else "f16"
+    assert qwen2rt.Model(folder, dtype="q4", max_context=8).info()["kv_dtype"] == want
 
 
 def test_long_prompt_in_chunks(checkpoint):
