@@ -536,6 +536,24 @@ static inline __mmask16 keys_in_hi(int nb) {
     return nb >= 32 ? __mmask16(0xffff) : nb > 16 ? tail_mask(nb - 16) : __mmask16(0);
 }
 
+// P V's accumulators for columns c0..c0+31 of H output rows: what the rows hold, scaled by c[h] (the
+// running max moved); and back.
+template <int H>
+static inline void scaled_out(const float* o, int D, int c0, const float* c, __m512 (*acc)[2]) {
+    for (int h = 0; h < H; h++) {
+        const __m512 ch = _mm512_set1_ps(c[h]);
+        acc[h][0] = _mm512_mul_ps(_mm512_loadu_ps(o + h * D + c0), ch);
+        acc[h][1] = _mm512_mul_ps(_mm512_loadu_ps(o + h * D + c0 + 16), ch);
+    }
+}
+template <int H>
+static inline void store_out(float* o, int D, int c0, const __m512 (*acc)[2]) {
+    for (int h = 0; h < H; h++) {
+        _mm512_storeu_ps(o + h * D + c0, acc[h][0]);
+        _mm512_storeu_ps(o + h * D + c0 + 16, acc[h][1]);
+    }
+}
+
 // H heads (q and o rows of D) over one block of nb <= 32 keys: kb its 4 key blocks (all readable),
 // v its nb value rows. m[h] is the running max of the base-2 scores, vsum[h] the running sum of
 // 2^(s - m) in 16 lanes; o[h] is scaled when m moves. p holds the block's H x 32 probabilities.
@@ -566,11 +584,7 @@ static void attend_block(const float* q, const KV* kb, const KV* v, int nb, __m5
     }
     for (int c0 = 0; c0 < D; c0 += 32) {
         __m512 acc[H][2];
-        for (int h = 0; h < H; h++) {
-            const __m512 ch = _mm512_set1_ps(c[h]);
-            acc[h][0] = _mm512_mul_ps(_mm512_loadu_ps(o + h * D + c0), ch);
-            acc[h][1] = _mm512_mul_ps(_mm512_loadu_ps(o + h * D + c0 + 16), ch);
-        }
+        scaled_out<H>(o, D, c0, c, acc);
 #pragma GCC unroll 2
         for (int t = 0; t < nb; t++) {
             // the next-but-one block's V, over the D / 32 passes of kAttnBlock rows
@@ -582,10 +596,7 @@ static void attend_block(const float* q, const KV* kb, const KV* v, int nb, __m5
                 acc[h][1] = _mm512_fmadd_ps(pt, v1, acc[h][1]);
             }
         }
-        for (int h = 0; h < H; h++) {
-            _mm512_storeu_ps(o + h * D + c0, acc[h][0]);
-            _mm512_storeu_ps(o + h * D + c0 + 16, acc[h][1]);
-        }
+        store_out<H>(o, D, c0, acc);
     }
 }
 
@@ -627,11 +638,7 @@ static void attend_block_bf16(const uint32_t* q, const uint16_t* kb, const uint1
     }
     for (int c0 = 0; c0 < D; c0 += 32) {
         __m512 acc[H][2];
-        for (int h = 0; h < H; h++) {
-            const __m512 ch = _mm512_set1_ps(c[h]);
-            acc[h][0] = _mm512_mul_ps(_mm512_loadu_ps(o + h * D + c0), ch);
-            acc[h][1] = _mm512_mul_ps(_mm512_loadu_ps(o + h * D + c0 + 16), ch);
-        }
+        scaled_out<H>(o, D, c0, c, acc);
 #pragma GCC unroll 2
         for (int u = 0; u < kPairs; u++) {
             // the next-but-one block's V, over the D / 32 passes of kPairs pair rows
@@ -644,10 +651,7 @@ static void attend_block_bf16(const uint32_t* q, const uint16_t* kb, const uint1
                 acc[h][1] = _mm512_dpbf16_ps(acc[h][1], pu, v1);
             }
         }
-        for (int h = 0; h < H; h++) {
-            _mm512_storeu_ps(o + h * D + c0, acc[h][0]);
-            _mm512_storeu_ps(o + h * D + c0 + 16, acc[h][1]);
-        }
+        store_out<H>(o, D, c0, acc);
     }
 }
 
