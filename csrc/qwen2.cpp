@@ -581,6 +581,7 @@ void Qwen2Model::read_embedding_from_file(int fd, uint64_t offset) {
         throw InvalidArgument("read_embedding_from_file: the file ends before the embedding table does");
     embed_file_ = std::move(file);
     embed_offset_ = offset;
+    embed_rows_.resize(size_t(kChunk) * bytes);  // a chunk's rows, allocated once
 }
 
 const uint8_t* Qwen2Model::read_embedding_rows(const int32_t* tokens, int n) {
@@ -588,7 +589,7 @@ const uint8_t* Qwen2Model::read_embedding_rows(const int32_t* tokens, int n) {
     size_t begin, bytes;
     int row;
     embedding_span(0, begin, bytes, row);
-    if (embed_rows_.size() < size_t(n) * bytes) embed_rows_.resize(size_t(kChunk) * bytes);
+    if (embed_rows_.size() < size_t(n) * bytes) embed_rows_.resize(size_t(n) * bytes);  // n <= kChunk: never
     for (int t = 0; t < n; t++) {
         embedding_span(tokens[t], begin, bytes, row);
         if (!read_at(embed_file_.get(), embed_rows_.data() + size_t(t) * bytes, bytes, embed_offset_ + begin))
