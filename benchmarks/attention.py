@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from qwen2rt import _core, system_info
+from qwen2rt.model import KV_DTYPES
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     for T in (int(x) for x in a.contexts.split(",") if x):
         one = k.attention_seconds(a.isa, a.G, a.D, T, a.kv, 1, 1, 50)
         step = k.attention_seconds(a.isa, a.G, a.D, T, a.kv, a.caches, a.threads, 10)
-        kv_bytes = 2 * (4 if a.kv == "f32" else 2) * a.D * T * a.caches
+        kv_bytes = 2 * KV_DTYPES[a.kv] * a.D * T * a.caches
         print(f"| {T} | {one * 1e3:.3f} | {4 * a.G * a.D * T / one / 1e9:.0f} | {step * 1e3:.2f} | "
               f"{kv_bytes / step / 1e9:.1f} |")
 

@@ -655,9 +655,7 @@ static void attend_block_bf16(const uint32_t* q, const uint16_t* kb, const uint1
     }
 }
 
-// q as the block kernel takes it: f32 rows, or (bf16 cache) rows of bf16 pairs.
-template <class KV>
-using QElem = std::conditional_t<std::is_same_v<KV, uint16_t>, uint32_t, float>;
+// Q: q as the block kernel takes it, f32 rows (float) or, for a bf16 cache, rows of bf16 pairs (uint32_t).
 template <class KV, class Q>
 using AttendBlockFn = void (*)(const Q*, const KV*, const KV*, int, __m512, float*, __m512*, float*, float*,
                                const KV*, const KV*);
