@@ -242,8 +242,10 @@ PYBIND11_MODULE(_core, m) {
     });
 
     m.def("available_isas", &available_isas, "Instruction-set paths this build and CPU can run, worst to best.");
+    m.def("emulated_isas", &emulated_isas,
+          "Paths that emulate instructions this CPU lacks (amx-emulated): tests and QWEN2RT_ISA may name them.");
     m.def("active_isa", []() { return std::string(active_kernels().isa); });
-    m.def("set_isa", &set_active_isa, py::arg("isa"), "Force a kernel path: generic, avx2 or avx512.");
+    m.def("set_isa", &set_active_isa, py::arg("isa"), "Force a kernel path: generic, avx2, avx512, amx (or amx-emulated, for tests).");
     m.def("openmp_max_threads", []() {
 #ifdef _OPENMP
         return omp_get_max_threads();

@@ -1,5 +1,7 @@
 #include "cpu_features.h"
 
+#include "kernels.h"
+
 #if defined(QWEN2RT_X86)
 #include <cpuid.h>
 #include <cstdint>
@@ -61,6 +63,16 @@ std::vector<std::string> available_isas() {
     if (f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq &&
         f.avx512vnni && f.avx512bf16)
         out.push_back("avx512");
+    if (out.back() == "avx512" && amx_usable()) out.push_back("amx");
+#endif
+    return out;
+}
+
+std::vector<std::string> emulated_isas() {
+    std::vector<std::string> out;
+#if defined(QWEN2RT_X86)
+    const std::vector<std::string> have = available_isas();
+    if (have.back() == "avx512" || have.back() == "amx") out.push_back("amx-emulated");
 #endif
     return out;
 }

@@ -18,5 +18,7 @@ const CpuFeatures& cpu_features();
 
 // Instruction-set paths this build has and this CPU can run, worst to best ("generic" first).
 std::vector<std::string> available_isas();
+// Paths that emulate instructions this CPU lacks, for tests: they may be named, never picked.
+std::vector<std::string> emulated_isas();
 
 }  // namespace qwen2rt

@@ -111,6 +111,14 @@ const Kernels* kernels_generic();
 #if defined(QWEN2RT_X86)
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
+// AVX-512 with the bf16 prefill on AMX tiles (kernels_amx.cpp); nullptr when this build's
+// assembler has no AMX. amx_usable(): the CPU and OS have AMX-BF16, Linux granted the tile state,
+// and the kernel agreed with its emulation once (asked by available_isas after the AVX-512 check).
+const Kernels* kernels_amx();
+bool amx_usable();
+// The same kernel over an emulation of the tiles, for tests on AVX-512 CPUs without AMX: never
+// picked by detection, only by name ("amx-emulated").
+const Kernels* kernels_amx_emulated();
 // The AVX-512 attention hands head sizes other than 64 and 128 to the AVX2 one.
 namespace avx2 {
 void attention_f32(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,

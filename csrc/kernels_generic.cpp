@@ -69,12 +69,16 @@ static const Kernels table = {
 const Kernels* kernels_generic() { return &generic::table; }
 
 const Kernels* find_kernels(const std::string& isa) {
-    for (const std::string& have : available_isas()) {
+    std::vector<std::string> isas = available_isas();
+    for (const std::string& e : emulated_isas()) isas.push_back(e);
+    for (const std::string& have : isas) {
         if (have != isa) continue;
         if (isa == "generic") return kernels_generic();
 #if defined(QWEN2RT_X86)
         if (isa == "avx2") return kernels_avx2();
         if (isa == "avx512") return kernels_avx512();
+        if (isa == "amx") return kernels_amx();
+        if (isa == "amx-emulated") return kernels_amx_emulated();
 #endif
     }
     return nullptr;

@@ -5,8 +5,11 @@ import pytest
 
 import qwen2rt
 from qwen2rt import _core
+from qwen2rt.model import BF16_DOT_ISAS
 
 ISAS = _core.available_isas()
+# The bf16 matmul also runs on the emulated AMX tiles (kernels_amx.cpp) where the CPU has AVX-512.
+BF16_ISAS = ISAS + [i for i in _core.emulated_isas() if i not in ISAS]
 rng = np.random.default_rng(1234)
 
 
@@ -35,8 +38,8 @@ def test_matmul_f32(isa, M, K, N):
     close(_core.kernels.matmul(isa, X, W, b), want + b)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("M", [1, 3, 5, 17, 33])
+@pytest.mark.parametrize("isa", BF16_ISAS)
+@pytest.mark.parametrize("M", [1, 3, 5, 16, 17, 33])
 @pytest.mark.parametrize("K", [1, 15, 16, 33, 130])
 @pytest.mark.parametrize("N", [1, 4, 11, 21])
 def test_matmul_bf16(isa, M, K, N):
@@ -49,11 +52,12 @@ def test_matmul_bf16(isa, M, K, N):
 
 def bf16_tokens(isa, M, X):
     """X as the bf16 matmul multiplies it: the AVX-512 prefill (M > 1) rounds the tokens to bf16 and
-    sums exact products in f32; every other path multiplies the f32 tokens."""
-    return bf16_bits(X)[1] if isa == "avx512" and M > 1 else X
+    sums exact products in f32, as do the AMX tiles (M >= 16); every other path multiplies the f32
+    tokens."""
+    return bf16_bits(X)[1] if isa in BF16_DOT_ISAS and M > 1 else X
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", BF16_ISAS)
 def test_matmul_bf16_large(isa):
     # more tokens than one 64-token block, rows in several packed groups with a part-filled last one
     X = rng.standard_normal((130, 300)).astype(np.float32)

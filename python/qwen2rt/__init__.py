@@ -43,7 +43,8 @@ __all__ = [
 
 
 def set_isa(isa: str) -> None:
-    """Forces a kernel path for every model in this process: 'generic', 'avx2' or 'avx512'."""
+    """Forces a kernel path for every model in this process: 'generic', 'avx2', 'avx512' or 'amx'
+    (available_isas() lists this machine's), or 'amx-emulated' (tests)."""
     _core.set_isa(isa)
 
 

@@ -29,6 +29,9 @@ Q4_KEEP_Q8 = ("lm_head", "v_proj")
 BITS_PER_WEIGHT = {"f32": 32.0, "bf16": 16.0, "q8": 8.5, "q4": 4.5}
 # KV cache element types and their bytes per value.
 KV_DTYPES = {"f16": 2, "bf16": 2, "f32": 4}
+# Kernel paths with bf16 dot products (AVX-512 BF16; AMX adds bf16 tiles to it): their bf16 prefill
+# rounds the tokens to bf16, and their bf16 KV cache is the fast one.
+BF16_DOT_ISAS = ("avx512", "amx", "amx-emulated")
 
 
 def default_kv_dtype(dtype: str) -> str:
@@ -39,7 +42,7 @@ def default_kv_dtype(dtype: str) -> str:
     q8 weights keep f16, whose cost is a tenth of theirs."""
     if dtype == "f32":
         return "f32"
-    return "bf16" if dtype == "q4" and _core.active_isa() == "avx512" else "f16"
+    return "bf16" if dtype == "q4" and _core.active_isa() in BF16_DOT_ISAS else "f16"
 
 
 def matrix_dtype_policy(dtype: str, overrides: dict[str, str] | None, tied: bool):
