@@ -1,6 +1,7 @@
-// AMX kernels: the bf16 prefill on the tile unit (TDPBF16PS), for CPUs with AMX-BF16 (Intel Xeon
-// from Sapphire Rapids on). The "amx" table is the AVX-512 one with matmul_bf16 replaced for
-// prompts of 16 tokens or more; everything else, decode included (memory-bound), stays AVX-512.
+// AMX kernels: the prefill's weight matmuls on the tile unit (TDPBF16PS), for CPUs with AMX-BF16
+// (Intel Xeon from Sapphire Rapids on). The "amx" table is the AVX-512 one with its bf16, q8 and q4
+// matmuls replaced for prompts of 16 tokens or more; everything else, decode included (memory-bound),
+// stays AVX-512. q8 and q4 weights are dequantized to bf16 for the tiles (why: above matmul_q_tiles).
 //
 // The same kernel is compiled twice, over two tile backends with one interface:
 //   AmxTiles      the instructions, as inline assembly;
@@ -38,6 +39,21 @@ namespace qwen2rt {
 namespace amx {
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
+
+// A per-thread buffer that grows to the largest call.
+struct Scratch {
+    uint16_t* p = nullptr;
+    size_t cap = 0;
+    ~Scratch() { free(p); }
+    uint16_t* get(size_t n) {
+        if (n > cap) {
+            free(p);
+            cap = n;
+            p = static_cast<uint16_t*>(aligned_alloc(64, cap * 2));
+        }
+        return p;
+    }
+};
 
 // The 64-byte operand of ldtilecfg (palette 1: eight tiles of up to 16 rows of 64 bytes).
 struct alignas(64) TileConfig {
@@ -176,16 +192,10 @@ static inline void transpose16(__m512i* v) {
 // X [M, K] f32 -> B tiles (above) for token tiles 0 .. ceil(M / 32) * 2, zero past M and K: a
 // per-thread buffer that grows to the largest call.
 static const uint16_t* tokens_to_tiles(const float* X, int ldx, int M, int K) {
-    static thread_local uint16_t* buf = nullptr;
-    static thread_local size_t cap = 0;
+    static thread_local Scratch s;
     const int nb = q_blocks(K);
     const int tiles = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2;
-    const size_t need = size_t(tiles) * size_t(nb) * 512;
-    if (need > cap) {
-        free(buf);
-        cap = need;
-        buf = static_cast<uint16_t*>(aligned_alloc(64, cap * 2));
-    }
+    uint16_t* buf = s.get(size_t(tiles) * size_t(nb) * 512);
     for (int tt = 0; tt < tiles; tt++)
         for (int b = 0; b < nb; b++) {
             const int k = b * kQBlock;
@@ -280,30 +290,200 @@ static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint1
     Tiles::release();  // the thread's tile state is dropped: no 8 KiB to save at each context switch
 }
 
+// ---------------------------------------------------------------------------------------------
+// Y = X W^T for q8 / q4 W, on the same bf16 tiles.
+//
+// An int8 tile product (TDPBSUD) would need its int32 sums scaled per block of 32 columns (each
+// row and block has its own scale): a 16 x 16 tile taken out and scaled every block, 16 vector
+// rows of work for every 8192 multiply-adds, as much vector work as VNNI's own dot products. So the
+// weights are dequantized instead, a row group at a time, to bf16 -- scale * level, rounded to 8
+// significant bits, which adds a few percent to q8's own error variance and less to q4's -- and
+// multiplied on bf16 tiles whose f32 sums run over all of K. The tokens are the int8 activations
+// (the model quantizes them for these matrices anyway) times their block scales, rounded to bf16.
+//
+// Here the weights are the B operand and the tokens the A one: C is then [16 tokens][16 weight
+// rows], Y's own orientation. A q8 block holds, for each 4 columns, 16 rows x 4 levels in 64 bytes
+// (quant.h): the two B rows of column pairs (0, 1) and (2, 3) of that quad, once split. A q4 block
+// holds two such quads per 64 bytes, in the low and high nibbles.
+//
+// The tiles: C[i][j] in tmm i + 2j (token tile i, row group j); A[i] (16 tokens x 32 columns, rows
+// of the bf16 token matrix) in tmm 4 + i; B[j] (a row group's 32 columns in pairs) in tmm 6 + j.
+
+// The int8 activation rows (xq [M, Kp], scales xd [M, nb]) as bf16 rows of Kp, with zero rows up
+// to a whole number of token tile pairs.
+static const uint16_t* acts_to_bf16(const int8_t* xq, const float* xd, int M, int nb) {
+    static thread_local Scratch s;
+    const size_t Kp = size_t(nb) * kQBlock;
+    const int rows = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2 * kTileTokens;
+    uint16_t* out = s.get(size_t(rows) * Kp);
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < nb; b++) {
+            const int8_t* q = xq + size_t(m) * Kp + size_t(b) * kQBlock;
+            const __m512 d = _mm512_set1_ps(xd[size_t(m) * nb + b]);
+            const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+            const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+            const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d), hi = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
+            _mm512_store_si512(out + size_t(m) * Kp + size_t(b) * kQBlock, __m512i(_mm512_cvtne2ps_pbh(hi, lo)));
+        }
+    std::memset(out + size_t(M) * Kp, 0, size_t(rows - M) * Kp * 2);
+    return out;
+}
+
+// 16 rows x 4 columns of levels (64 bytes, row by row) to the two B rows of column pairs (0, 1)
+// and (2, 3): bf16 of scale[row] * (level - zero point). sc[q] and zsc[q] hold, in lane l, the
+// scale of row 4q + l / 4 and that times the zero point; level * s - zero * s is exact in f32
+// (9 significant bits times 11), so the one rounding is to bf16.
+static inline void quad_to_pairs(__m512i levels, const __m512* sc, const __m512* zsc, uint16_t* out) {
+    __m512 f[4];
+    for (int q = 0; q < 4; q++) {
+        const __m512i u = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(levels, q));  // rows 4q .. 4q + 3
+        f[q] = _mm512_fmsub_ps(_mm512_cvtepi32_ps(u), sc[q], zsc[q]);
+    }
+    // as 32-bit pairs: dword d of lo is row d / 2, columns 2 (d % 2) and 2 (d % 2) + 1 (hi: rows 8 on)
+    const __m512i lo = __m512i(_mm512_cvtne2ps_pbh(f[1], f[0])), hi = __m512i(_mm512_cvtne2ps_pbh(f[3], f[2]));
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    _mm512_store_si512(out, _mm512_permutex2var_epi32(lo, even, hi));
+    _mm512_store_si512(out + 32, _mm512_permutex2var_epi32(lo, odd, hi));
+}
+
+// One row group of a packed q8 / q4 matrix (nb blocks) to B tiles: 512 uint16 a block.
+template <bool Q4>
+static void group_to_tiles(const uint8_t* group, int nb, uint16_t* out) {
+    const size_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
+    const __m512 zero = _mm512_set1_ps(Q4 ? 8.f : 128.f);
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512i quarter = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);
+    for (int b = 0; b < nb; b++, out += 512) {
+        const uint8_t* blk = group + size_t(b) * block_bytes;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+        __m512 sc[4], zsc[4];
+        for (int q = 0; q < 4; q++) {
+            sc[q] = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * q)), s);
+            zsc[q] = _mm512_mul_ps(sc[q], zero);
+        }
+        if (Q4) {
+            for (int g = 0; g < 4; g++) {  // columns 8g .. 8g + 3 in the low nibbles, 8g + 4 .. 8g + 7 in the high
+                const __m512i v = _mm512_loadu_si512(blk + 32 + 64 * g);
+                quad_to_pairs(_mm512_and_si512(v, low4), sc, zsc, out + 128 * g);
+                quad_to_pairs(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), sc, zsc, out + 128 * g + 64);
+            }
+        } else {
+            for (int g = 0; g < 8; g++) quad_to_pairs(_mm512_loadu_si512(blk + 32 + 64 * g), sc, zsc, out + 64 * g);
+        }
+    }
+}
+
+// C[i][j] (16 tokens x 16 weight rows) into Y, for the tokens below M and rows below n1.
+template <class Tiles, int C>
+static void store_rows(float* Y, int ldy, int M, int m, int n, int n1, const float* bias) {
+    alignas(64) float c[16][16];
+    Tiles::template store<C>(c, 64);
+    const int nr = imin(kQRows, n1 - n);
+    for (int t = 0; t < 16 && m + t < M; t++)
+        for (int r = 0; r < nr; r++) Y[size_t(m + t) * ldy + n + r] = c[t][r] + (bias ? bias[n + r] : 0.f);
+}
+
+// Tokens [m, m + 32) against NG row groups (B tiles at wt, wstride uint16s apart).
+template <class Tiles, int NG>
+static void q_tile_pass(const uint16_t* xb, size_t Kp, const uint16_t* wt, size_t wstride, int nb, int m, float* Y,
+                        int ldy, int M, int n, int n1, const float* bias) {
+    Tiles::template zero<0>();
+    Tiles::template zero<1>();
+    if (NG == 2) {
+        Tiles::template zero<2>();
+        Tiles::template zero<3>();
+    }
+    const uint16_t* a0 = xb + size_t(m) * Kp;
+    const uint16_t* a1 = a0 + size_t(kTileTokens) * Kp;
+    for (int b = 0; b < nb; b++) {
+        Tiles::template load<4>(a0 + size_t(b) * kQBlock, Kp * 2);
+        Tiles::template load<5>(a1 + size_t(b) * kQBlock, Kp * 2);
+        Tiles::template load<6>(wt + size_t(b) * 512, 64);
+        Tiles::template dp_bf16<0, 4, 6>();
+        Tiles::template dp_bf16<1, 5, 6>();
+        if (NG == 2) {
+            Tiles::template load<7>(wt + wstride + size_t(b) * 512, 64);
+            Tiles::template dp_bf16<2, 4, 7>();
+            Tiles::template dp_bf16<3, 5, 7>();
+        }
+    }
+    store_rows<Tiles, 0>(Y, ldy, M, m, n, n1, bias);
+    store_rows<Tiles, 1>(Y, ldy, M, m + kTileTokens, n, n1, bias);
+    if (NG == 2) {
+        store_rows<Tiles, 2>(Y, ldy, M, m, n + kQRows, n1, bias);
+        store_rows<Tiles, 3>(Y, ldy, M, m + kTileTokens, n + kQRows, n1, bias);
+    }
+}
+
+// n0 starts a row group, as for the VNNI kernels. A pair of row groups is dequantized once per
+// block of tokens and meets all of them.
+template <class Tiles, bool Q4>
+static void matmul_q_tiles(const int8_t* xq, const float* xd, int M, int K, const uint8_t* W, const float* bias,
+                           float* Y, int ldy, int n0, int n1) {
+    static thread_local Scratch wscratch;
+    const int nb = q_blocks(K);
+    const size_t Kp = size_t(nb) * kQBlock, wstride = size_t(nb) * 512;
+    const size_t group_bytes = size_t(nb) * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
+    const uint16_t* xb = acts_to_bf16(xq, xd, M, nb);
+    uint16_t* wt = wscratch.get(2 * wstride);
+    TileConfig cfg;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    Tiles::configure(cfg);
+    for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
+        const int m1 = imin(M, m0 + kTokenBlock);
+        for (int n = n0; n < n1; n += 2 * kQRows) {
+            const int ng = n1 - n > kQRows ? 2 : 1;
+            for (int j = 0; j < ng; j++)
+                group_to_tiles<Q4>(W + size_t(n / kQRows + j) * group_bytes, nb, wt + size_t(j) * wstride);
+            for (int m = m0; m < m1; m += 2 * kTileTokens) {
+                if (ng == 2)
+                    q_tile_pass<Tiles, 2>(xb, Kp, wt, wstride, nb, m, Y, ldy, m1, n, n1, bias);
+                else
+                    q_tile_pass<Tiles, 1>(xb, Kp, wt, wstride, nb, m, Y, ldy, m1, n, n1, bias);
+            }
+        }
+    }
+    Tiles::release();
+}
+
+// ---------------------------------------------------------------------------------------------
+
 // Fewer tokens than a tile: the AVX-512 kernels (decode is memory-bound; a few tokens fill too
 // little of a tile to pay for packing).
 constexpr int kMinTokens = kTileTokens;
 
-static void matmul_bf16_emulated(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
-                                 int ldy, int n0, int n1) {
-    if (M < kMinTokens) return kernels_avx512()->matmul_bf16(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-    matmul_bf16_tiles<EmulatedTiles>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-}
-
-static Kernels with_matmul_bf16(const char* isa, decltype(Kernels::matmul_bf16) f) {
-    Kernels k = *kernels_avx512();
-    k.isa = isa;
-    k.matmul_bf16 = f;
-    return k;
-}
-
+// A tile backend's table: the AVX-512 one with its three weight matmuls on tiles.
+template <class Tiles>
+struct TiledMatmuls {
+    static void bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y, int ldy,
+                     int n0, int n1) {
+        if (M < kMinTokens) return kernels_avx512()->matmul_bf16(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+        matmul_bf16_tiles<Tiles>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    }
+    static void q8(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+                   const float* bias, float* Y, int ldy, int n0, int n1) {
+        if (M < kMinTokens) return kernels_avx512()->matmul_q8(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+        matmul_q_tiles<Tiles, false>(xq, xd, M, K, W, bias, Y, ldy, n0, n1);
+    }
+    static void q4(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+                   const float* bias, float* Y, int ldy, int n0, int n1) {
+        if (M < kMinTokens) return kernels_avx512()->matmul_q4(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+        matmul_q_tiles<Tiles, true>(xq, xd, M, K, W, bias, Y, ldy, n0, n1);
+    }
+    static Kernels table(const char* isa) {
+        Kernels k = *kernels_avx512();
+        k.isa = isa;
+        k.matmul_bf16 = bf16;
+        k.matmul_q8 = q8;
+        k.matmul_q4 = q4;
+        return k;
+    }
+};
 #if defined(QWEN2RT_AMX_ASM)
-static void matmul_bf16_amx(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
-                            int ldy, int n0, int n1) {
-    if (M < kMinTokens) return kernels_avx512()->matmul_bf16(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-    matmul_bf16_tiles<AmxTiles>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-}
-
 // Linux hands out the 8 KiB of tile state only to a process that asks (arch_prctl
 // ARCH_REQ_XCOMP_PERM for XTILEDATA); without it the first tile instruction faults.
 static bool request_tile_state() {
@@ -318,7 +498,7 @@ static bool request_tile_state() {
 // One product through both backends: a wrong encoding, shape or configuration shows here rather
 // than in a model's output.
 static bool hardware_agrees_with_emulation() {
-    const int M = 40, K = 200, N = 24;
+    const int M = 40, K = 200, N = 40;  // two token tile pairs, part-filled; a part-filled column block
     std::vector<float> X(size_t(M) * K), Wf(size_t(N) * K), bias(N), y_hw(size_t(M) * N), y_emu(size_t(M) * N);
     uint32_t s = 12345;
     auto next = [&] {
@@ -328,13 +508,27 @@ static bool hardware_agrees_with_emulation() {
     for (float& v : X) v = next();
     for (float& v : Wf) v = next();
     for (float& v : bias) v = next();
+    auto agree = [&] {
+        for (size_t i = 0; i < y_hw.size(); i++)
+            if (!(std::fabs(y_hw[i] - y_emu[i]) <= 1e-4f * (1.f + std::fabs(y_emu[i])))) return false;
+        return true;
+    };
     std::vector<uint16_t> W(bf16_bytes(N, K) / 2);
     pack_bf16(Wf.data(), N, K, size_t(K), W.data(), 1);
     matmul_bf16_tiles<AmxTiles>(X.data(), K, M, K, W.data(), bias.data(), y_hw.data(), N, 0, N);
     matmul_bf16_tiles<EmulatedTiles>(X.data(), K, M, K, W.data(), bias.data(), y_emu.data(), N, 0, N);
-    for (size_t i = 0; i < y_hw.size(); i++)
-        if (!(std::fabs(y_hw[i] - y_emu[i]) <= 1e-4f * (1.f + std::fabs(y_emu[i])))) return false;
-    return true;
+    if (!agree()) return false;
+    // q4 (the q8 kernel differs only in how its levels are unpacked, on the vector unit)
+    const int nb = q_blocks(K);
+    std::vector<uint8_t> Wq(q4_bytes(N, K));
+    quantize_q4(Wf.data(), N, K, size_t(K), Wq.data(), 1);
+    std::vector<int8_t> xq(size_t(M) * nb * kQBlock);
+    std::vector<float> xd(size_t(M) * nb);
+    std::vector<int32_t> xs(size_t(M) * nb);
+    kernels_avx512()->quantize_acts(X.data(), K, M, K, xq.data(), xd.data(), xs.data());
+    matmul_q_tiles<AmxTiles, true>(xq.data(), xd.data(), M, K, Wq.data(), bias.data(), y_hw.data(), N, 0, N);
+    matmul_q_tiles<EmulatedTiles, true>(xq.data(), xd.data(), M, K, Wq.data(), bias.data(), y_emu.data(), N, 0, N);
+    return agree();
 }
 #endif
 
@@ -359,13 +553,13 @@ bool amx_usable() {
 }
 
 const Kernels* kernels_amx_emulated() {
-    static const Kernels table = amx::with_matmul_bf16("amx-emulated", amx::matmul_bf16_emulated);
+    static const Kernels table = amx::TiledMatmuls<amx::EmulatedTiles>::table("amx-emulated");
     return &table;
 }
 
 const Kernels* kernels_amx() {
 #if defined(QWEN2RT_AMX_ASM)
-    static const Kernels table = amx::with_matmul_bf16("amx", amx::matmul_bf16_amx);
+    static const Kernels table = amx::TiledMatmuls<amx::AmxTiles>::table("amx");
     return &table;
 #else
     return nullptr;

@@ -6,6 +6,8 @@ import pytest
 from qwen2rt import _core
 
 ISAS = _core.available_isas()
+# The q8 / q4 matmuls also run on the emulated AMX tiles (kernels_amx.cpp) where the CPU has AVX-512.
+MATMUL_ISAS = ISAS + [i for i in _core.emulated_isas() if i not in ISAS]
 K_ = _core.kernels
 rng = np.random.default_rng(99)
 
@@ -85,9 +87,14 @@ def test_q4_scale_search_beats_plain_q4_0():
     assert ours < 0.97 * plain, (ours, plain)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+def bf16_round(a):
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("isa", MATMUL_ISAS)
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
-@pytest.mark.parametrize("M", [1, 3, 5, 17, 33, 70])
+@pytest.mark.parametrize("M", [1, 3, 5, 16, 17, 33, 70])
 @pytest.mark.parametrize("N, K", [(1, 32), (16, 64), (17, 100), (40, 33), (48, 896)])
 def test_matmul_q(isa, fmt, M, N, K):
     X = (2 * rng.standard_normal((M, K))).astype(np.float32)
@@ -96,10 +103,13 @@ def test_matmul_q(isa, fmt, M, N, K):
     packed = K_.quantize_weights(fmt, W)
     q, d, s = K_.quantize_acts(isa, X)
     Y = K_.matmul_q(isa, fmt, q, d, s, K, packed, N, bias)
-    # the same numbers in float64: dequantized weights times dequantized activations
-    Wd = K_.dequantize_weights(fmt, packed, N, K).astype(np.float64)
-    Xd = (q.reshape(M, -1, 32).astype(np.float64) * d[..., None]).reshape(M, -1)[:, :K]
-    want = Xd @ Wd.T + bias
+    # the same numbers in float64: dequantized weights times dequantized activations (the AMX
+    # tiles take prompts of 16 tokens or more in bf16: both rounded to bf16 from float32)
+    Wd = K_.dequantize_weights(fmt, packed, N, K)
+    Xd = (q.reshape(M, -1, 32).astype(np.float32) * d[..., None]).reshape(M, -1)[:, :K]
+    if "amx" in isa and M >= 16:
+        Wd, Xd = bf16_round(Wd), bf16_round(Xd)
+    want = Xd.astype(np.float64) @ Wd.T.astype(np.float64) + bias
     np.testing.assert_allclose(Y, want, rtol=0, atol=2e-5 * np.abs(want).max())
     # and close to the float product (quantization error only)
     exact = X.astype(np.float64) @ W.T.astype(np.float64) + bias
@@ -108,7 +118,7 @@ def test_matmul_q(isa, fmt, M, N, K):
     assert rel < (0.02 if fmt == "q8" else 0.15), rel
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", MATMUL_ISAS)
 def test_matmul_q_extreme_activations(isa):
     """Activations at +-127 with weights at the ends of their range: no int16 saturation (AVX2)."""
     K, N = 64, 16

@@ -40,6 +40,36 @@ def test_quantized_close_to_pytorch(ckpt, dtype, isa):
     assert rel < BOUNDS[dtype][0] and top1 > BOUNDS[dtype][1], (rel, top1)
 
 
+@pytest.mark.skipif("amx-emulated" not in qwen2rt._core.emulated_isas(), reason="needs AVX-512")
+@pytest.mark.parametrize("dtype", ["q8", "q4"])
+def test_amx_tiles_close_to_pytorch_and_vnni(ckpt, dtype):
+    """The prefill of q8 / q4 on AMX tiles (their emulation here, kernels_amx.cpp): weights and
+    tokens rounded to bf16 on top of their quantization, on 2 threads. Within the format's bounds
+    of PyTorch, and near the VNNI kernels: these random models amplify any rounding difference
+    (measured 0.9e-2 to 1.8e-2 here, as a last-bit difference does in test_isa_paths_agree); a wrong
+    tile is off by O(1). tests/test_real_weights.py measures the real model's KL."""
+    from qwen2rt import _core
+
+    folder, ref = ckpt
+    ids = np.random.default_rng(3).integers(0, ref.config.vocab_size, 48).tolist()
+    want = torch_logits(ref, ids)
+    before = _core.active_isa()
+    out = {}
+    try:
+        for isa in ("avx512", "amx-emulated"):
+            qwen2rt.set_isa(isa)
+            out[isa] = qwen2rt.Model(folder, dtype=dtype, threads=2).forward(ids, all_logits=True)
+    finally:
+        qwen2rt.set_isa(before)
+    got = out["amx-emulated"]
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    top1 = (got.argmax(-1) == want.argmax(-1)).mean()
+    assert rel < BOUNDS[dtype][0] and top1 > BOUNDS[dtype][1], (rel, top1)
+    vnni = out["avx512"]
+    between = np.abs(got - vnni).max() / np.abs(vnni).max()
+    assert 0 < between < 5e-2, between
+
+
 @pytest.mark.parametrize("dtype", ["q8", "q4"])
 def test_decode_equals_prefill(ckpt, dtype):
     folder, ref = ckpt
