@@ -153,9 +153,9 @@ struct EmulatedTiles {
 // to bf16 into that layout once per call (as the AVX-512 prefill rounds them), 16 tokens x 32
 // columns a 1 KiB tile, [token tile][column block][pair][token][2].
 //
-// The tiles: C[i][j] in tmm 2i + j (weight group i of two, token tile j of two): 8 rows (weight
-// rows) x 16 f32 (tokens); A[i] in tmm 4 + i; B[j] in tmm 6 + j. Each column block loads 2 A and 2
-// B tiles for 4 products: 16 weight rows x 32 tokens x 32 columns.
+// The tiles (accumulate, below): A[i] is weight group i of two, B[j] token tile j of two, and C[i][j]
+// 8 weight rows x 16 tokens (f32). Each column block loads 2 A and 2 B tiles for 4 products: 16
+// weight rows x 32 tokens x 32 columns.
 
 constexpr int kTileTokens = 16;
 constexpr int kTokenBlock = 128;  // tokens whose packed tiles (up to 1.2 MiB at K = 4864) stay in L2
@@ -229,37 +229,50 @@ static void store_c(float* Y, int ldy, int M, int m, int n, int n1, const float*
     }
 }
 
-// Weight rows [n, n + 8 * NG) of groups starting at Wg (group stride gstride uint16s) against
-// token tiles tt, tt + 1, over nb column blocks.
+// C[i][j] in tmm 2i + j = the sum over nb column blocks of A[i] (tmm 4 + i) times B[j] (tmm 6 + j),
+// for i < NA, j < NB. Tile i of an operand starts at p + i * next and moves by step uint16s a
+// block; its rows are stride bytes apart.
+struct Operand {
+    const uint16_t* p;
+    size_t next, step, stride;
+};
+template <class Tiles, int NA, int NB>
+static void accumulate(const Operand& A, const Operand& B, int nb) {
+    Tiles::template zero<0>();
+    if (NB == 2) Tiles::template zero<1>();
+    if (NA == 2) Tiles::template zero<2>();
+    if (NA == 2 && NB == 2) Tiles::template zero<3>();
+    for (int b = 0; b < nb; b++) {
+        const uint16_t *a = A.p + size_t(b) * A.step, *bb = B.p + size_t(b) * B.step;
+        Tiles::template load<4>(a, A.stride);
+        Tiles::template load<6>(bb, B.stride);
+        Tiles::template dp_bf16<0, 4, 6>();
+        if (NB == 2) {
+            Tiles::template load<7>(bb + B.next, B.stride);
+            Tiles::template dp_bf16<1, 4, 7>();
+        }
+        if (NA == 2) {
+            Tiles::template load<5>(a + A.next, A.stride);
+            Tiles::template dp_bf16<2, 5, 6>();
+            if (NB == 2) Tiles::template dp_bf16<3, 5, 7>();
+        }
+    }
+}
+
+// Weight rows [n, n + 8 * NG) of the groups from Wg on (gstride uint16s apart) against token tiles
+// tt and tt + 1: C[i][j] is group i, token tile j.
 template <class Tiles, int NG>
 static void tile_pass(const uint16_t* Wg, size_t gstride, const uint16_t* xt, int nb, int tt, float* Y, int ldy, int M,
                       int n, int n1, const float* bias) {
-    Tiles::template zero<0>();
-    Tiles::template zero<1>();
-    if (NG == 2) {
-        Tiles::template zero<2>();
-        Tiles::template zero<3>();
-    }
-    const uint16_t* b0 = xt + size_t(tt) * nb * 512;
-    const uint16_t* b1 = b0 + size_t(nb) * 512;
-    for (int b = 0; b < nb; b++) {
-        Tiles::template load<4>(Wg + size_t(b) * 256, 64);
-        Tiles::template load<6>(b0 + size_t(b) * 512, 64);
-        Tiles::template load<7>(b1 + size_t(b) * 512, 64);
-        Tiles::template dp_bf16<0, 4, 6>();
-        Tiles::template dp_bf16<1, 4, 7>();
-        if (NG == 2) {
-            Tiles::template load<5>(Wg + gstride + size_t(b) * 256, 64);
-            Tiles::template dp_bf16<2, 5, 6>();
-            Tiles::template dp_bf16<3, 5, 7>();
-        }
-    }
+    const Operand weights{Wg, gstride, size_t(kBf16Rows) * kQBlock, 64};
+    const Operand tokens{xt + size_t(tt) * nb * 512, size_t(nb) * 512, 512, 64};
+    accumulate<Tiles, NG, 2>(weights, tokens, nb);
     const int m = tt * kTileTokens;
     store_c<Tiles, 0>(Y, ldy, M, m, n, n1, bias);
     store_c<Tiles, 1>(Y, ldy, M, m + kTileTokens, n, n1, bias);
     if (NG == 2) {
-        store_c<Tiles, 2>(Y, ldy, M, m, n + 8, n1, bias);
-        store_c<Tiles, 3>(Y, ldy, M, m + kTileTokens, n + 8, n1, bias);
+        store_c<Tiles, 2>(Y, ldy, M, m, n + kBf16Rows, n1, bias);
+        store_c<Tiles, 3>(Y, ldy, M, m + kTileTokens, n + kBf16Rows, n1, bias);
     }
 }
 
@@ -306,8 +319,8 @@ static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint1
 // (quant.h): the two B rows of column pairs (0, 1) and (2, 3) of that quad, once split. A q4 block
 // holds two such quads per 64 bytes, in the low and high nibbles.
 //
-// The tiles: C[i][j] in tmm i + 2j (token tile i, row group j); A[i] (16 tokens x 32 columns, rows
-// of the bf16 token matrix) in tmm 4 + i; B[j] (a row group's 32 columns in pairs) in tmm 6 + j.
+// The tiles (accumulate): A[i] is 16 tokens x 32 columns, rows of the bf16 token matrix; B[j] a row
+// group's 32 columns in pairs.
 
 // The int8 activation rows (xq [M, Kp], scales xd [M, nb]) as bf16 rows of Kp, with zero rows up
 // to a whole number of token tile pairs.
@@ -334,11 +347,12 @@ static const uint16_t* acts_to_bf16(const int8_t* xq, const float* xd, int M, in
 // scale of row 4q + l / 4 and that times the zero point; level * s - zero * s is exact in f32
 // (9 significant bits times 11), so the one rounding is to bf16.
 static inline void quad_to_pairs(__m512i levels, const __m512* sc, const __m512* zsc, uint16_t* out) {
-    __m512 f[4];
-    for (int q = 0; q < 4; q++) {
-        const __m512i u = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(levels, q));  // rows 4q .. 4q + 3
-        f[q] = _mm512_fmsub_ps(_mm512_cvtepi32_ps(u), sc[q], zsc[q]);
-    }
+    // quarter q: rows 4q .. 4q + 3 (the extract's index must be a constant even unoptimized)
+    auto dequant = [&](__m128i quarter, int q) {
+        return _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(quarter)), sc[q], zsc[q]);
+    };
+    const __m512 f[4] = {dequant(_mm512_castsi512_si128(levels), 0), dequant(_mm512_extracti32x4_epi32(levels, 1), 1),
+                         dequant(_mm512_extracti32x4_epi32(levels, 2), 2), dequant(_mm512_extracti32x4_epi32(levels, 3), 3)};
     // as 32-bit pairs: dword d of lo is row d / 2, columns 2 (d % 2) and 2 (d % 2) + 1 (hi: rows 8 on)
     const __m512i lo = __m512i(_mm512_cvtne2ps_pbh(f[1], f[0])), hi = __m512i(_mm512_cvtne2ps_pbh(f[3], f[2]));
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -384,34 +398,18 @@ static void store_rows(float* Y, int ldy, int M, int m, int n, int n1, const flo
         for (int r = 0; r < nr; r++) Y[size_t(m + t) * ldy + n + r] = c[t][r] + (bias ? bias[n + r] : 0.f);
 }
 
-// Tokens [m, m + 32) against NG row groups (B tiles at wt, wstride uint16s apart).
+// Tokens [m, m + 32) against NG row groups (B tiles at wt, wstride uint16s apart): C[i][j] is
+// token tile i, row group j.
 template <class Tiles, int NG>
 static void q_tile_pass(const uint16_t* xb, size_t Kp, const uint16_t* wt, size_t wstride, int nb, int m, float* Y,
                         int ldy, int M, int n, int n1, const float* bias) {
-    Tiles::template zero<0>();
-    Tiles::template zero<1>();
-    if (NG == 2) {
-        Tiles::template zero<2>();
-        Tiles::template zero<3>();
-    }
-    const uint16_t* a0 = xb + size_t(m) * Kp;
-    const uint16_t* a1 = a0 + size_t(kTileTokens) * Kp;
-    for (int b = 0; b < nb; b++) {
-        Tiles::template load<4>(a0 + size_t(b) * kQBlock, Kp * 2);
-        Tiles::template load<5>(a1 + size_t(b) * kQBlock, Kp * 2);
-        Tiles::template load<6>(wt + size_t(b) * 512, 64);
-        Tiles::template dp_bf16<0, 4, 6>();
-        Tiles::template dp_bf16<1, 5, 6>();
-        if (NG == 2) {
-            Tiles::template load<7>(wt + wstride + size_t(b) * 512, 64);
-            Tiles::template dp_bf16<2, 4, 7>();
-            Tiles::template dp_bf16<3, 5, 7>();
-        }
-    }
+    const Operand tokens{xb + size_t(m) * Kp, size_t(kTileTokens) * Kp, kQBlock, Kp * 2};
+    const Operand weights{wt, wstride, 512, 64};
+    accumulate<Tiles, 2, NG>(tokens, weights, nb);
     store_rows<Tiles, 0>(Y, ldy, M, m, n, n1, bias);
-    store_rows<Tiles, 1>(Y, ldy, M, m + kTileTokens, n, n1, bias);
+    store_rows<Tiles, 2>(Y, ldy, M, m + kTileTokens, n, n1, bias);
     if (NG == 2) {
-        store_rows<Tiles, 2>(Y, ldy, M, m, n + kQRows, n1, bias);
+        store_rows<Tiles, 1>(Y, ldy, M, m, n + kQRows, n1, bias);
         store_rows<Tiles, 3>(Y, ldy, M, m + kTileTokens, n + kQRows, n1, bias);
     }
 }

@@ -6,6 +6,7 @@ import torch
 
 import qwen2rt
 from qwen2rt import _core
+from isa_paths import TILE_ISAS_HERE, logits_per_isa
 from qwen2rt.model import BF16_DOT_ISAS
 from tiny_model import make_checkpoint
 
@@ -88,9 +89,9 @@ def test_16bit_kv_caches(checkpoint, isa):
     assert 0 < err < 5e-3, err
 
 
-@pytest.mark.skipif("amx-emulated" not in _core.emulated_isas(), reason="needs AVX-512")
-def test_amx_bf16_prefill_matches_avx512(checkpoint):
-    """The bf16 prefill on AMX tiles (here their emulation, kernels_amx.cpp), with the weight rows
+@pytest.mark.parametrize("tiles", TILE_ISAS_HERE)
+def test_amx_bf16_prefill_matches_avx512(checkpoint, tiles):
+    """The bf16 prefill on AMX tiles (or their emulation, kernels_amx.cpp), with the weight rows
     split across 2 threads: the products the AVX-512 prefill takes, summed in another order. A last
     bit of difference can move one activation across a bf16 rounding boundary, and every later row
     attends to that one (measured: rows 0-8 within 5e-7 of AVX-512, later ones 1e-3 to 3e-3), so
@@ -100,17 +101,12 @@ def test_amx_bf16_prefill_matches_avx512(checkpoint):
         pytest.skip("bf16 file")
     ids = np.random.default_rng(11).integers(0, ref.config.vocab_size, 45).tolist()
     want = reference_logits(ref, ids)
-    before = _core.active_isa()
-    out = {}
-    try:
-        for isa in ("avx512", "amx-emulated"):
-            qwen2rt.set_isa(isa)
-            out[isa] = qwen2rt.Model(folder, dtype="bf16", threads=2, kv_dtype="f32").forward(ids, all_logits=True)
-    finally:
-        qwen2rt.set_isa(before)
-    assert rel_err(out["amx-emulated"], out["avx512"]) < 1e-2
-    assert rel_err(out["amx-emulated"][:8], out["avx512"][:8]) < 1e-5
-    assert rel_err(out["amx-emulated"], want) < 1e-2
+    out = logits_per_isa(
+        ("avx512", tiles), lambda: qwen2rt.Model(folder, dtype="bf16", threads=2, kv_dtype="f32"), ids
+    )
+    assert rel_err(out[tiles], out["avx512"]) < 1e-2
+    assert rel_err(out[tiles][:8], out["avx512"][:8]) < 1e-5
+    assert rel_err(out[tiles], want) < 1e-2
 
 
 def test_kv_dtype_defaults_and_choices(checkpoint):

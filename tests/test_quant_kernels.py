@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
+from isa_paths import ALL_ISAS_HERE, TILE_ISAS
 from qwen2rt import _core
 
 ISAS = _core.available_isas()
 # The q8 / q4 matmuls also run on the emulated AMX tiles (kernels_amx.cpp) where the CPU has AVX-512.
-MATMUL_ISAS = ISAS + [i for i in _core.emulated_isas() if i not in ISAS]
+MATMUL_ISAS = ALL_ISAS_HERE
 K_ = _core.kernels
 rng = np.random.default_rng(99)
 
@@ -107,7 +108,7 @@ def test_matmul_q(isa, fmt, M, N, K):
     # tiles take prompts of 16 tokens or more in bf16: both rounded to bf16 from float32)
     Wd = K_.dequantize_weights(fmt, packed, N, K)
     Xd = (q.reshape(M, -1, 32).astype(np.float32) * d[..., None]).reshape(M, -1)[:, :K]
-    if "amx" in isa and M >= 16:
+    if isa in TILE_ISAS and M >= 16:
         Wd, Xd = bf16_round(Wd), bf16_round(Xd)
     want = Xd.astype(np.float64) @ Wd.T.astype(np.float64) + bias
     np.testing.assert_allclose(Y, want, rtol=0, atol=2e-5 * np.abs(want).max())

@@ -480,7 +480,7 @@ def test_cli_serve_logs_one_line_and_stops_on_ctrl_c(folder):
     )
     try:
         line = p.stderr.readline().strip()
-        m = re.fullmatch(rf"qwen2rt serve: model {re.escape(str(folder))} dtype f32 isa \w+ threads 1 "
+        m = re.fullmatch(rf"qwen2rt serve: model {re.escape(str(folder))} dtype f32 isa [\w-]+ threads 1 "
                          r"max_context 256 max_batch 2 on (http://127\.0\.0\.1:\d+)", line)
         assert m, line
         with urllib.request.urlopen(m.group(1) + "/v1/models", timeout=10) as r:
