@@ -111,12 +111,13 @@ const Kernels* kernels_generic();
 #if defined(QWEN2RT_X86)
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
-// AVX-512 with the bf16 prefill on AMX tiles (kernels_amx.cpp); nullptr when this build's
-// assembler has no AMX. amx_usable(): the CPU and OS have AMX-BF16, Linux granted the tile state,
-// and the kernel agreed with its emulation once (asked by available_isas after the AVX-512 check).
+// AVX-512 with the prefill's bf16, q8 and q4 matmuls on AMX tiles (kernels_amx.cpp); nullptr when
+// this build's assembler has no AMX. amx_usable(): the CPU and OS have AMX-BF16, Linux granted the
+// tile state, and the kernels agreed with their emulation once (asked by available_isas after the
+// AVX-512 check).
 const Kernels* kernels_amx();
 bool amx_usable();
-// The same kernel over an emulation of the tiles, for tests on AVX-512 CPUs without AMX: never
+// The same kernels over an emulation of the tiles, for tests on AVX-512 CPUs without AMX: never
 // picked by detection, only by name ("amx-emulated").
 const Kernels* kernels_amx_emulated();
 // The AVX-512 attention hands head sizes other than 64 and 128 to the AVX2 one.

@@ -94,8 +94,9 @@ def test_amx_bf16_prefill_matches_avx512(checkpoint, tiles):
     """The bf16 prefill on AMX tiles (or their emulation, kernels_amx.cpp), with the weight rows
     split across 2 threads: the products the AVX-512 prefill takes, summed in another order. A last
     bit of difference can move one activation across a bf16 rounding boundary, and every later row
-    attends to that one (measured: rows 0-8 within 5e-7 of AVX-512, later ones 1e-3 to 3e-3), so
-    the bound is the bf16 one against transformers, as for AVX-512; a wrong tile is off by O(1)."""
+    attends to that one (measured on the emulation: rows 0-8 within 5e-7 of AVX-512, later ones 1e-3
+    to 3e-3; where the first one falls depends on the order of the sums), so the bound is the bf16
+    one, as for AVX-512 against transformers; a wrong tile is off by O(1)."""
     folder, ref, file_dtype = checkpoint
     if file_dtype != torch.bfloat16:
         pytest.skip("bf16 file")
@@ -105,7 +106,6 @@ def test_amx_bf16_prefill_matches_avx512(checkpoint, tiles):
         ("avx512", tiles), lambda: qwen2rt.Model(folder, dtype="bf16", threads=2, kv_dtype="f32"), ids
     )
     assert rel_err(out[tiles], out["avx512"]) < 1e-2
-    assert rel_err(out[tiles][:8], out["avx512"][:8]) < 1e-5
     assert rel_err(out[tiles], want) < 1e-2
 
 

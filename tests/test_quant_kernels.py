@@ -7,8 +7,6 @@ from isa_paths import ALL_ISAS_HERE, TILE_ISAS
 from qwen2rt import _core
 
 ISAS = _core.available_isas()
-# The q8 / q4 matmuls also run on the emulated AMX tiles (kernels_amx.cpp) where the CPU has AVX-512.
-MATMUL_ISAS = ALL_ISAS_HERE
 K_ = _core.kernels
 rng = np.random.default_rng(99)
 
@@ -93,7 +91,7 @@ def bf16_round(a):
     return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
 
 
-@pytest.mark.parametrize("isa", MATMUL_ISAS)
+@pytest.mark.parametrize("isa", ALL_ISAS_HERE)  # the emulated AMX tiles too
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize("M", [1, 3, 5, 16, 17, 33, 70])
 @pytest.mark.parametrize("N, K", [(1, 32), (16, 64), (17, 100), (40, 33), (48, 896)])
@@ -119,7 +117,7 @@ def test_matmul_q(isa, fmt, M, N, K):
     assert rel < (0.02 if fmt == "q8" else 0.15), rel
 
 
-@pytest.mark.parametrize("isa", MATMUL_ISAS)
+@pytest.mark.parametrize("isa", ALL_ISAS_HERE)  # the emulated AMX tiles too
 def test_matmul_q_extreme_activations(isa):
     """Activations at +-127 with weights at the ends of their range: no int16 saturation (AVX2)."""
     K, N = 64, 16
