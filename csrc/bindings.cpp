@@ -479,31 +479,32 @@ PYBIND11_MODULE(_core, m) {
     });
     k.def(
         "matmul_q",
-        [](const std::string& isa, const std::string& fmt, py::array_t<int8_t, py::array::c_style> q,
-           py::array_t<float, py::array::c_style> d, py::array_t<int32_t, py::array::c_style> s, int Kd,
-           py::array_t<uint8_t, py::array::c_style> packed, int N, py::object bias) {
+        [](const std::string& isa, const std::string& fmt, F32Array X, py::array_t<uint8_t, py::array::c_style> packed,
+           int N, py::object bias) {
+            // X is quantized by the same path's quantize_acts, as the model does
             const Kernels& K = kernels_or_throw(isa);
             const bool q4 = fmt == "q4";
             if (!q4 && fmt != "q8") throw InvalidArgument("format must be q8 or q4");
-            const int B = q_blocks(Kd);
-            if (q.ndim() != 2 || d.ndim() != 2 || s.ndim() != 2 || q.shape(1) != B * kQBlock || d.shape(1) != B ||
-                s.shape(1) != B || d.shape(0) != q.shape(0) || s.shape(0) != q.shape(0) ||
-                size_t(packed.size()) != (q4 ? q4_bytes(N, Kd) : q8_bytes(N, Kd)))
+            if (X.ndim() != 2) throw InvalidArgument("matmul_q: X [M, K]");
+            const int M = int(X.shape(0)), Kd = int(X.shape(1)), B = q_blocks(Kd);
+            if (size_t(packed.size()) != (q4 ? q4_bytes(N, Kd) : q8_bytes(N, Kd)))
                 throw InvalidArgument("matmul_q: shapes do not match");
-            const int M = int(q.shape(0));
             std::vector<float> b;
             if (!bias.is_none()) {
                 auto ba = bias.cast<F32Array>();
                 if (ba.ndim() != 1 || ba.shape(0) != N) throw InvalidArgument("matmul_q: bias [N]");
                 b.assign(ba.data(), ba.data() + N);
             }
+            std::vector<int8_t> q(size_t(M) * B * kQBlock);
+            std::vector<float> d(size_t(M) * B);
+            std::vector<int32_t> s(size_t(M) * B);
+            K.quantize_acts(X.data(), Kd, M, Kd, q.data(), d.data(), s.data());
             py::array_t<float> Y({M, N});
-            (q4 ? K.matmul_q4 : K.matmul_q8)(q.data(), d.data(), s.data(), M, Kd, packed.data(),
+            (q4 ? K.matmul_q4 : K.matmul_q8)(X.data(), Kd, q.data(), d.data(), s.data(), M, Kd, packed.data(),
                                              b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
             return Y;
         },
-        py::arg("isa"), py::arg("fmt"), py::arg("q"), py::arg("d"), py::arg("s"), py::arg("k"), py::arg("packed"),
-        py::arg("n"), py::arg("bias") = py::none());
+        py::arg("isa"), py::arg("fmt"), py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none());
     k.def("rmsnorm", [](const std::string& isa, F32Array x, F32Array w, float eps) {
         const Kernels& K = kernels_or_throw(isa);
         if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1)) throw InvalidArgument("rmsnorm: x [M,n], w [n]");

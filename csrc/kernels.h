@@ -61,11 +61,12 @@ struct Kernels {
     void (*quantize_acts)(const float* X, int ldx, int M, int K, int8_t* q, float* d, int32_t* s);
     // Y[m*ldy + n] = sum_k x[m,k] w[n,k] (+ bias[n]) for n0 <= n < n1 (n0 a multiple of 16), with x
     // the quantized activations above and W a packed q8 / q4 matrix of K columns. n0 must start a
-    // 16-row group.
-    void (*matmul_q8)(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
-                      const float* bias, float* Y, int ldy, int n0, int n1);
-    void (*matmul_q4)(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
-                      const float* bias, float* Y, int ldy, int n0, int n1);
+    // 16-row group. X holds the same M rows in f32 (ldx apart): a kernel that multiplies another
+    // form of them reads X (the AMX tiles round it to bf16); the integer kernels read xq.
+    void (*matmul_q8)(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
+    void (*matmul_q4)(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
 };
 
 // The cache holds keys transposed in blocks of kKeyBlock positions: [t / 8][head_dim][t % 8]. The
@@ -120,6 +121,11 @@ bool amx_usable();
 // The same kernels over an emulation of the tiles, for tests on AVX-512 CPUs without AMX: never
 // picked by detection, only by name ("amx-emulated").
 const Kernels* kernels_amx_emulated();
+// M rows of X rounded to bf16 (to nearest even) in a per-thread buffer of `rows` >= M rows (zero
+// past M), each zero-padded to whole blocks of 32 (ld values apart): the AVX-512 and AMX prefills.
+namespace avx512 {
+const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld);
+}
 // The AVX-512 attention hands head sizes other than 64 and 128 to the AVX2 one.
 namespace avx2 {
 void attention_f32(const float* q, int G, int head_dim, const float* K, const float* V, int n_keys, float scale,

@@ -311,8 +311,9 @@ static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint1
 // rows of work for every 8192 multiply-adds, as much vector work as VNNI's own dot products. So the
 // weights are dequantized instead, a row group at a time, to bf16 -- scale * level, rounded to 8
 // significant bits, which adds a few percent to q8's own error variance and less to q4's -- and
-// multiplied on bf16 tiles whose f32 sums run over all of K. The tokens are the int8 activations
-// (the model quantizes them for these matrices anyway) times their block scales, rounded to bf16.
+// multiplied on bf16 tiles whose f32 sums run over all of K. The tokens are the f32 activations
+// rounded to bf16 (8 significant bits, where the integer kernels' int8 blocks keep 7 of the block's
+// largest value), as the bf16 prefill rounds them.
 //
 // Here the weights are the B operand and the tokens the A one: C is then [16 tokens][16 weight
 // rows], Y's own orientation. A q8 block holds, for each 4 columns, 16 rows x 4 levels in 64 bytes
@@ -321,26 +322,6 @@ static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint1
 //
 // The tiles (accumulate): A[i] is 16 tokens x 32 columns, rows of the bf16 token matrix; B[j] a row
 // group's 32 columns in pairs.
-
-// The int8 activation rows (xq [M, Kp], scales xd [M, nb]) as bf16 rows of Kp, with zero rows up
-// to a whole number of token tile pairs.
-static const uint16_t* acts_to_bf16(const int8_t* xq, const float* xd, int M, int nb) {
-    static thread_local Scratch s;
-    const size_t Kp = size_t(nb) * kQBlock;
-    const int rows = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2 * kTileTokens;
-    uint16_t* out = s.get(size_t(rows) * Kp);
-    for (int m = 0; m < M; m++)
-        for (int b = 0; b < nb; b++) {
-            const int8_t* q = xq + size_t(m) * Kp + size_t(b) * kQBlock;
-            const __m512 d = _mm512_set1_ps(xd[size_t(m) * nb + b]);
-            const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-            const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-            const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d), hi = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
-            _mm512_store_si512(out + size_t(m) * Kp + size_t(b) * kQBlock, __m512i(_mm512_cvtne2ps_pbh(hi, lo)));
-        }
-    std::memset(out + size_t(M) * Kp, 0, size_t(rows - M) * Kp * 2);
-    return out;
-}
 
 // 16 rows x 4 columns of levels (64 bytes, row by row) to the two B rows of column pairs (0, 1)
 // and (2, 3): bf16 of scale[row] * (level - zero point). sc[q] and zsc[q] hold, in lane l, the
@@ -417,13 +398,15 @@ static void q_tile_pass(const uint16_t* xb, size_t Kp, const uint16_t* wt, size_
 // n0 starts a row group, as for the VNNI kernels. A pair of row groups is dequantized once per
 // block of tokens and meets all of them.
 template <class Tiles, bool Q4>
-static void matmul_q_tiles(const int8_t* xq, const float* xd, int M, int K, const uint8_t* W, const float* bias,
-                           float* Y, int ldy, int n0, int n1) {
+static void matmul_q_tiles(const float* X, int ldx, int M, int K, const uint8_t* W, const float* bias, float* Y,
+                           int ldy, int n0, int n1) {
     static thread_local Scratch wscratch;
     const int nb = q_blocks(K);
-    const size_t Kp = size_t(nb) * kQBlock, wstride = size_t(nb) * 512;
+    const size_t wstride = size_t(nb) * 512;
     const size_t group_bytes = size_t(nb) * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
-    const uint16_t* xb = acts_to_bf16(xq, xd, M, nb);
+    size_t Kp;  // = nb * 32
+    const int rows = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2 * kTileTokens;  // whole token tile pairs
+    const uint16_t* xb = avx512::rows_to_bf16(X, ldx, M, K, rows, Kp);
     uint16_t* wt = wscratch.get(2 * wstride);
     TileConfig cfg;
     for (int t = 0; t < 8; t++) {
@@ -462,15 +445,15 @@ struct TiledMatmuls {
         if (M < kMinTokens) return kernels_avx512()->matmul_bf16(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
         matmul_bf16_tiles<Tiles>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
     }
-    static void q8(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
-                   const float* bias, float* Y, int ldy, int n0, int n1) {
-        if (M < kMinTokens) return kernels_avx512()->matmul_q8(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-        matmul_q_tiles<Tiles, false>(xq, xd, M, K, W, bias, Y, ldy, n0, n1);
+    static void q8(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                   const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
+        if (M < kMinTokens) return kernels_avx512()->matmul_q8(X, ldx, xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+        matmul_q_tiles<Tiles, false>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
     }
-    static void q4(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
-                   const float* bias, float* Y, int ldy, int n0, int n1) {
-        if (M < kMinTokens) return kernels_avx512()->matmul_q4(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-        matmul_q_tiles<Tiles, true>(xq, xd, M, K, W, bias, Y, ldy, n0, n1);
+    static void q4(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                   const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
+        if (M < kMinTokens) return kernels_avx512()->matmul_q4(X, ldx, xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+        matmul_q_tiles<Tiles, true>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
     }
     static Kernels table(const char* isa) {
         Kernels k = *kernels_avx512();
@@ -517,15 +500,10 @@ static bool hardware_agrees_with_emulation() {
     matmul_bf16_tiles<EmulatedTiles>(X.data(), K, M, K, W.data(), bias.data(), y_emu.data(), N, 0, N);
     if (!agree()) return false;
     // q4 (the q8 kernel differs only in how its levels are unpacked, on the vector unit)
-    const int nb = q_blocks(K);
     std::vector<uint8_t> Wq(q4_bytes(N, K));
     quantize_q4(Wf.data(), N, K, size_t(K), Wq.data(), 1);
-    std::vector<int8_t> xq(size_t(M) * nb * kQBlock);
-    std::vector<float> xd(size_t(M) * nb);
-    std::vector<int32_t> xs(size_t(M) * nb);
-    kernels_avx512()->quantize_acts(X.data(), K, M, K, xq.data(), xd.data(), xs.data());
-    matmul_q_tiles<AmxTiles, true>(xq.data(), xd.data(), M, K, Wq.data(), bias.data(), y_hw.data(), N, 0, N);
-    matmul_q_tiles<EmulatedTiles, true>(xq.data(), xd.data(), M, K, Wq.data(), bias.data(), y_emu.data(), N, 0, N);
+    matmul_q_tiles<AmxTiles, true>(X.data(), K, M, K, Wq.data(), bias.data(), y_hw.data(), N, 0, N);
+    matmul_q_tiles<EmulatedTiles, true>(X.data(), K, M, K, Wq.data(), bias.data(), y_emu.data(), N, 0, N);
     return agree();
 }
 #endif

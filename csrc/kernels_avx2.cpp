@@ -637,12 +637,12 @@ static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M
     }
 }
 
-static void matmul_q8(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
-                      const float* bias, float* Y, int ldy, int n0, int n1) {
+static void matmul_q8(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
     matmul_q<false>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
 }
-static void matmul_q4(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
-                      const float* bias, float* Y, int ldy, int n0, int n1) {
+static void matmul_q4(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
     matmul_q<true>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
 }
 

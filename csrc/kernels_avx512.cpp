@@ -8,6 +8,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels.h"
 #include "numeric.h"
@@ -202,17 +203,17 @@ static void bf16_rows(const float* xs, int K, const uint16_t* W, const float* bi
 // its mean KL divergence from the f32 model over docs/formats.md's text went from 0.00002 to
 // 0.00004 (q8: 0.00047). Decode (M = 1) keeps f32 tokens: it is memory-bound either way.
 
-// X rows as bf16 (to nearest even), each zero-padded to whole blocks of 32 as the packed rows are:
-// a per-thread buffer that grows to the largest call.
-static const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, size_t& ld) {
+// X rows as bf16 (kernels.h), each zero-padded to whole blocks of 32 as the packed rows are.
+const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld) {
     static thread_local uint16_t* buf = nullptr;
     static thread_local size_t cap = 0;
     ld = size_t(K + 31) / 32 * 32;
-    if (ld * M > cap) {
+    if (ld * rows > cap) {
         free(buf);
-        cap = ld * M;
+        cap = ld * rows;
         buf = static_cast<uint16_t*>(aligned_alloc(64, cap * 2));
     }
+    std::memset(buf + ld * M, 0, ld * size_t(rows - M) * 2);
     for (int m = 0; m < M; m++) {
         const float* x = X + size_t(m) * ldx;
         uint16_t* b = buf + size_t(m) * ld;
@@ -283,7 +284,7 @@ static DotTileFn dot_tile_for(int mr, int nr) {
 static void matmul_bf16_dot(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                             int ldy, int n0, int n1) {
     size_t ldxb;
-    const uint16_t* xb = rows_to_bf16(X, ldx, M, K, ldxb);
+    const uint16_t* xb = rows_to_bf16(X, ldx, M, K, M, ldxb);
     // as matmul's prefill: a block of up to 64 tokens meets every weight row of [n0, n1)
     constexpr int kTokenBlock = 64;
     for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
@@ -460,12 +461,12 @@ static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M
     }
 }
 
-static void matmul_q8(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
-                      const float* bias, float* Y, int ldy, int n0, int n1) {
+static void matmul_q8(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
     matmul_q<false>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
 }
-static void matmul_q4(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
-                      const float* bias, float* Y, int ldy, int n0, int n1) {
+static void matmul_q4(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
     matmul_q<true>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
 }
 

@@ -104,8 +104,8 @@ void matmul_rows(const Kernels& K, const MatmulInput& in, int M, const Matrix& W
         case DType::BF16:
             K.matmul_bf16(in.x, in.K, M, W.cols, static_cast<const uint16_t*>(W.data), bias, Y, ldy, a, b);
             break;
-        case DType::Q8: K.matmul_q8(in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
-        case DType::Q4: K.matmul_q4(in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
+        case DType::Q8: K.matmul_q8(in.x, in.K, in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
+        case DType::Q4: K.matmul_q4(in.x, in.K, in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
         default: break;
     }
 }

@@ -100,14 +100,15 @@ def test_matmul_q(isa, fmt, M, N, K):
     W = rng.standard_normal((N, K)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
     packed = K_.quantize_weights(fmt, W)
-    q, d, s = K_.quantize_acts(isa, X)
-    Y = K_.matmul_q(isa, fmt, q, d, s, K, packed, N, bias)
-    # the same numbers in float64: dequantized weights times dequantized activations (the AMX
-    # tiles take prompts of 16 tokens or more in bf16: both rounded to bf16 from float32)
+    Y = K_.matmul_q(isa, fmt, X, packed, N, bias)
+    # the same numbers in float64: dequantized weights times dequantized activations, or on the AMX
+    # tiles (prompts of 16 tokens or more) the weights and the float32 activations rounded to bf16
     Wd = K_.dequantize_weights(fmt, packed, N, K)
-    Xd = (q.reshape(M, -1, 32).astype(np.float32) * d[..., None]).reshape(M, -1)[:, :K]
     if isa in TILE_ISAS and M >= 16:
-        Wd, Xd = bf16_round(Wd), bf16_round(Xd)
+        Wd, Xd = bf16_round(Wd), bf16_round(X)
+    else:
+        q, d, s = K_.quantize_acts(isa, X)
+        Xd = (q.reshape(M, -1, 32).astype(np.float64) * d[..., None]).reshape(M, -1)[:, :K]
     want = Xd.astype(np.float64) @ Wd.T.astype(np.float64) + bias
     np.testing.assert_allclose(Y, want, rtol=0, atol=2e-5 * np.abs(want).max())
     # and close to the float product (quantization error only)
@@ -127,7 +128,6 @@ def test_matmul_q_extreme_activations(isa):
     W[::2] *= -1
     for fmt in ("q8", "q4"):
         packed = K_.quantize_weights(fmt, W)
-        q, d, s = K_.quantize_acts(isa, X)
-        Y = K_.matmul_q(isa, fmt, q, d, s, K, packed, N)
+        Y = K_.matmul_q(isa, fmt, X, packed, N)
         Wd = K_.dequantize_weights(fmt, packed, N, K).astype(np.float64)
         np.testing.assert_allclose(Y, X.astype(np.float64) @ Wd.T, rtol=1e-5)

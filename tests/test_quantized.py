@@ -44,10 +44,10 @@ def test_quantized_close_to_pytorch(ckpt, dtype, isa):
 @pytest.mark.parametrize("tiles", TILE_ISAS_HERE)
 @pytest.mark.parametrize("dtype", ["q8", "q4"])
 def test_amx_tiles_close_to_pytorch_and_vnni(ckpt, dtype, tiles):
-    """The prefill of q8 / q4 on AMX tiles (or their emulation, kernels_amx.cpp): weights and
-    tokens rounded to bf16 on top of their quantization, on 2 threads. Within the format's bounds
+    """The prefill of q8 / q4 on AMX tiles (or their emulation, kernels_amx.cpp): weights rounded to
+    bf16 on top of their quantization, tokens to bf16 instead of int8, on 2 threads. Within the format's bounds
     of PyTorch, and near the VNNI kernels: these random models amplify any rounding difference
-    (measured 0.9e-2 to 1.8e-2 here, as a last-bit difference does in test_isa_paths_agree); a wrong
+    (measured 0.8e-2 to 1.6e-2 here, as a last-bit difference does in test_isa_paths_agree); a wrong
     tile is off by O(1). tests/test_real_weights.py measures the real model's KL."""
     folder, ref = ckpt
     ids = np.random.default_rng(3).integers(0, ref.config.vocab_size, 48).tolist()
