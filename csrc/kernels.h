@@ -7,10 +7,31 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 namespace qwen2rt {
+
+namespace {
+// A per-thread buffer of T that grows to the largest request and is freed with its thread: the
+// kernels' rearranged copies of their inputs (declare it `static thread_local`). In an unnamed
+// namespace, so that each ISA translation unit keeps its own copy, compiled with its own flags.
+template <class T>
+struct ThreadScratch {
+    T* p = nullptr;
+    size_t cap = 0;
+    ~ThreadScratch() { free(p); }
+    T* get(size_t n) {
+        if (n > cap) {
+            free(p);
+            cap = n;
+            p = static_cast<T*>(aligned_alloc(64, (cap * sizeof(T) + 63) / 64 * 64));
+        }
+        return p;
+    }
+};
+}  // namespace
 
 struct Kernels {
     const char* isa;

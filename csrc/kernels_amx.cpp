@@ -40,20 +40,6 @@ namespace amx {
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
 
-// A per-thread buffer that grows to the largest call.
-struct Scratch {
-    uint16_t* p = nullptr;
-    size_t cap = 0;
-    ~Scratch() { free(p); }
-    uint16_t* get(size_t n) {
-        if (n > cap) {
-            free(p);
-            cap = n;
-            p = static_cast<uint16_t*>(aligned_alloc(64, cap * 2));
-        }
-        return p;
-    }
-};
 
 // The 64-byte operand of ldtilecfg (palette 1: eight tiles of up to 16 rows of 64 bytes).
 struct alignas(64) TileConfig {
@@ -192,7 +178,7 @@ static inline void transpose16(__m512i* v) {
 // X [M, K] f32 -> B tiles (above) for token tiles 0 .. ceil(M / 32) * 2, zero past M and K: a
 // per-thread buffer that grows to the largest call.
 static const uint16_t* tokens_to_tiles(const float* X, int ldx, int M, int K) {
-    static thread_local Scratch s;
+    static thread_local ThreadScratch<uint16_t> s;
     const int nb = q_blocks(K);
     const int tiles = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2;
     uint16_t* buf = s.get(size_t(tiles) * size_t(nb) * 512);
@@ -400,7 +386,7 @@ static void q_tile_pass(const uint16_t* xb, size_t Kp, const uint16_t* wt, size_
 template <class Tiles, bool Q4>
 static void matmul_q_tiles(const float* X, int ldx, int M, int K, const uint8_t* W, const float* bias, float* Y,
                            int ldy, int n0, int n1) {
-    static thread_local Scratch wscratch;
+    static thread_local ThreadScratch<uint16_t> wscratch;
     const int nb = q_blocks(K);
     const size_t wstride = size_t(nb) * 512;
     const size_t group_bytes = size_t(nb) * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);

@@ -160,14 +160,9 @@ static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, co
 // groups of 4 rows 55, of 8 rows 56.5 (asking ahead, 44). While it was low, 33 against 35.
 
 static float* split_even_odd(const float* x, int K) {
-    static thread_local float* buf = nullptr;
-    static thread_local size_t cap = 0;
+    static thread_local ThreadScratch<float> scratch;
     const size_t Kp = size_t(K + 31) / 32 * 32;
-    if (Kp > cap) {  // grows to the widest input once; later calls (the decode loop) reuse it
-        free(buf);
-        cap = Kp;
-        buf = static_cast<float*>(aligned_alloc(64, cap * 4));
-    }
+    float* buf = scratch.get(Kp);  // grows to the widest input once; later calls (the decode loop) reuse it
     for (size_t b = 0; b < Kp; b += 32)
         for (size_t l = 0; l < 16; l++) {
             buf[b + l] = b + 2 * l < size_t(K) ? x[b + 2 * l] : 0.f;
@@ -205,14 +200,9 @@ static void bf16_rows(const float* xs, int K, const uint16_t* W, const float* bi
 
 // X rows as bf16 (kernels.h), each zero-padded to whole blocks of 32 as the packed rows are.
 const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld) {
-    static thread_local uint16_t* buf = nullptr;
-    static thread_local size_t cap = 0;
+    static thread_local ThreadScratch<uint16_t> scratch;
     ld = size_t(K + 31) / 32 * 32;
-    if (ld * rows > cap) {
-        free(buf);
-        cap = ld * rows;
-        buf = static_cast<uint16_t*>(aligned_alloc(64, cap * 2));
-    }
+    uint16_t* buf = scratch.get(ld * rows);
     std::memset(buf + ld * M, 0, ld * size_t(rows - M) * 2);
     for (int m = 0; m < M; m++) {
         const float* x = X + size_t(m) * ldx;
