@@ -1,9 +1,9 @@
 // The kernel table: every compute kernel the model uses, one table per instruction set.
 //
-// kernels_generic.cpp is the portable reference; kernels_avx2.cpp and kernels_avx512.cpp are compiled
-// with their own -m flags and must give the same answers within float tolerance (tests/test_kernels.py
-// runs each against numpy). The table in use is picked once, by CPU detection, or forced with
-// QWEN2RT_ISA=generic|avx2|avx512.
+// kernels_generic.cpp is the portable reference; kernels_avx2.cpp, kernels_avx512.cpp and
+// kernels_amx.cpp are compiled with their own -m flags and must give the same answers within float
+// tolerance (tests/test_kernels.py runs each against numpy). The table in use is picked once, by CPU
+// detection, or forced with QWEN2RT_ISA=generic|avx2|avx512|amx (or amx-emulated, for tests).
 #pragma once
 
 #include <cstdint>
