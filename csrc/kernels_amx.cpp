@@ -38,8 +38,9 @@
 namespace qwen2rt {
 namespace amx {
 
-static inline int imin(int a, int b) { return a < b ? a : b; }
+#include "transpose16.inc"
 
+static inline int imin(int a, int b) { return a < b ? a : b; }
 
 // The 64-byte operand of ldtilecfg (palette 1: eight tiles of up to 16 rows of 64 bytes).
 struct alignas(64) TileConfig {
@@ -145,35 +146,6 @@ struct EmulatedTiles {
 
 constexpr int kTileTokens = 16;
 constexpr int kTokenBlock = 128;  // tokens whose packed tiles (up to 1.2 MiB at K = 4864) stay in L2
-
-// 16 vectors of 16 uint32 transposed: out[i] lane j = in[j] lane i.
-static inline void transpose16(__m512i* v) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    // v[4q + s] now holds, in each 128-bit lane L, element s of rows 4q .. 4q + 3 of that lane's
-    // columns 4L .. 4L + 3; the lanes are gathered across quads of rows
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; i++) {
-        v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-        v[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        v[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-}
 
 // X [M, K] f32 -> B tiles (above) for token tiles 0 .. ceil(M / 32) * 2, zero past M and K: a
 // per-thread buffer that grows to the largest call.

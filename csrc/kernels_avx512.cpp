@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <utility>
+
 #include "kernels.h"
 #include "numeric.h"
 #include "quant.h"
@@ -18,6 +20,7 @@ namespace qwen2rt {
 namespace avx512 {
 
 #include "kernels_portable.inc"
+#include "transpose16.inc"
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline __mmask16 tail_mask(int n) { return __mmask16((1u << n) - 1u); }
@@ -189,14 +192,20 @@ static void bf16_rows(const float* xs, int K, const uint16_t* W, const float* bi
 }
 
 // bf16 weights, prefill: compute-bound, so the tokens are rounded to bf16 once and each
-// `vdpbf16ps` does 32 multiply-adds (an f32 FMA 16). A tile is 4 tokens x 4 weight rows: each step
-// loads 4 + 4 vectors of 32 bf16 (a packed row block, quant.h, and a token's same 32 columns) for
-// 16 dot products; the 16 accumulators are reduced together at the end of K (reduce16). The
-// products of bf16 values are exact and summed in f32, so the one rounding is the tokens' (8
-// significant bits, as llama.cpp's BF16 and PyTorch's bfloat16 round them). On the 2 Zen 4 cores,
-// Qwen2.5-0.5B's 512-token prefill ran at 400 tok/s against 220 with the f32 FMA tiles below, and
-// its mean KL divergence from the f32 model over docs/formats.md's text went from 0.00002 to
-// 0.00004 (q8: 0.00047). Decode (M = 1) keeps f32 tokens: it is memory-bound either way.
+// `vdpbf16ps` does 32 multiply-adds (an f32 FMA 16). The products of bf16 values are exact and
+// summed in f32, so the one rounding is the tokens' (8 significant bits, as llama.cpp's BF16 and
+// PyTorch's bfloat16 round them). Decode (M = 1) keeps f32 tokens: it is memory-bound either way.
+//
+// A prompt (kPanelMinTokens tokens or more) runs on panels, as a BLAS packs its operands: each
+// 32-row weight panel and each token panel of up to 12 tokens is rearranged into column pairs,
+// [pair][row] and [pair][token], so that a pair step of the register tile loads 2 weight vectors
+// (32 rows) and broadcasts each of 12 tokens' pairs into `vdpbf16ps`: 24 accumulators, one f32
+// sum per (row, token), with no horizontal reduction. Fewer tokens run on 4 x 4 tiles of the
+// packed rows as they lie, reduced at the end of K, which costs a tenth of the work at K = 896 but
+// skips the weight panels' transposes (a sixth of the products' time at 16 tokens).
+// Qwen2.5-0.5B's matrices at 512 tokens, one Zen 4 core (benchmarks/ has no kernel-only timing;
+// a C++ loop over the packed matrices): 165 GFLOP/s on the tiles, 200 on the panels, of the
+// instruction's 230 measured peak. The tiles win below 32-48 tokens.
 
 // X rows as bf16 (kernels.h), each zero-padded to whole blocks of 32 as the packed rows are.
 const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld) {
@@ -271,7 +280,7 @@ static DotTileFn dot_tile_for(int mr, int nr) {
     }
 }
 
-static void matmul_bf16_dot(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
+static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                             int ldy, int n0, int n1) {
     size_t ldxb;
     const uint16_t* xb = rows_to_bf16(X, ldx, M, K, M, ldxb);
@@ -288,9 +297,115 @@ static void matmul_bf16_dot(const float* X, int ldx, int M, int K, const uint16_
     }
 }
 
+constexpr int kPanelTokens = 12;
+constexpr int kPanelVecs = 2;  // 16 rows each
+constexpr int kPanelRows = 16 * kPanelVecs;
+constexpr int kPanelMinTokens = 32;
+
+// The first mt rows of X (mt <= kPanelTokens) as a token panel: out[p * mt + t] = token t's
+// columns 2p, 2p + 1 as bf16, for nb blocks of 32 columns (zero past K).
+static void tokens_to_panel(const float* X, int ldx, int mt, int K, int nb, uint32_t* out) {
+    for (int b = 0; b < nb; b++) {
+        const int k = b * kQBlock;
+        const __mmask16 lo = k + 16 <= K ? __mmask16(0xffff) : tail_mask(K - k);
+        const __mmask16 hi = k + 32 <= K ? __mmask16(0xffff) : k + 16 < K ? tail_mask(K - k - 16) : 0;
+        __m512i v[16];
+        for (int t = 0; t < 16; t++) {
+            if (t >= mt) {
+                v[t] = _mm512_setzero_si512();
+                continue;
+            }
+            const float* x = X + size_t(t) * ldx + k;
+            v[t] = __m512i(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + 16), _mm512_maskz_loadu_ps(lo, x)));
+        }
+        transpose16(v);  // v[p] lane t: token t's pair p
+        const __mmask16 m = tail_mask(mt);
+        for (int p = 0; p < 16; p++) _mm512_mask_storeu_epi32(out + size_t(b * 16 + p) * mt, m, v[p]);
+    }
+}
+
+// Rows n .. n + kPanelRows of a packed bf16 matrix (n a multiple of 8, rows from n_end on zero) as a
+// weight panel: out[(p * kPanelVecs + v) * 16 + r] = row n + 16v + r's columns 2p, 2p + 1.
+static void rows_to_panel(const uint16_t* W, int K, int nb, int n, int n_end, uint32_t* out) {
+    for (int vec = 0; vec < kPanelVecs; vec++) {
+        const int r0 = n + 16 * vec;
+        for (int b = 0; b < nb; b++) {
+            __m512i v[16];
+            for (int r = 0; r < 16; r++)
+                v[r] = r0 + r < n_end ? _mm512_loadu_si512(bf16_at(bf16_row(W, K, r0 + r), 0, b * kQBlock))
+                                      : _mm512_setzero_si512();
+            transpose16(v);  // v[p] lane r: row r's pair p
+            for (int p = 0; p < 16; p++) _mm512_store_si512(out + (size_t(b * 16 + p) * kPanelVecs + vec) * 16, v[p]);
+        }
+    }
+}
+
+// Y[t][n + j] = bias[j] + sum over the P pairs of the weight panel times the token panel (MT tokens),
+// for the first `rows` rows of the panel.
+template <int MT>
+static void bf16_panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, float* Y, int ldy,
+                            int rows) {
+    __m512 acc[MT][kPanelVecs];
+    for (int t = 0; t < MT; t++)
+        for (int v = 0; v < kPanelVecs; v++) acc[t][v] = _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        __m512bh w[kPanelVecs];
+        for (int v = 0; v < kPanelVecs; v++) w[v] = __m512bh(_mm512_load_si512(wp + (size_t(p) * kPanelVecs + v) * 16));
+        for (int t = 0; t < MT; t++) {
+            const __m512bh x = __m512bh(_mm512_set1_epi32(int(xp[size_t(p) * MT + t])));
+            for (int v = 0; v < kPanelVecs; v++) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], x, w[v]);
+        }
+    }
+    for (int v = 0; v < kPanelVecs; v++) {
+        const int left = rows - 16 * v;
+        if (left <= 0) break;
+        const __mmask16 m = left >= 16 ? __mmask16(0xffff) : tail_mask(left);
+        const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * v) : _mm512_setzero_ps();
+        for (int t = 0; t < MT; t++) _mm512_mask_storeu_ps(Y + size_t(t) * ldy + 16 * v, m, _mm512_add_ps(acc[t][v], bv));
+    }
+}
+
+using PanelTileFn = void (*)(const uint32_t*, const uint32_t*, int, const float*, float*, int, int);
+template <int... MT>
+static PanelTileFn panel_tile_for(int mt, std::integer_sequence<int, MT...>) {
+    static const PanelTileFn fns[] = {bf16_panel_tile<MT + 1>...};
+    return fns[mt - 1];
+}
+
+static void matmul_bf16_panels(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias,
+                               float* Y, int ldy, int n0, int n1) {
+    static thread_local ThreadScratch<uint32_t> token_panels, weight_panel;
+    const int nb = q_blocks(K), P = nb * 16;
+    const int panels = (M + kPanelTokens - 1) / kPanelTokens;
+    uint32_t* xp = token_panels.get(size_t(panels) * kPanelTokens * P);
+    for (int i = 0; i < panels; i++) {
+        const int mt = imin(kPanelTokens, M - i * kPanelTokens);
+        tokens_to_panel(X + size_t(i) * kPanelTokens * ldx, ldx, mt, K, nb, xp + size_t(i) * kPanelTokens * P);
+    }
+    uint32_t* wp = weight_panel.get(size_t(P) * kPanelRows);
+    for (int n = n0; n < n1; n += kPanelRows) {
+        rows_to_panel(W, K, nb, n, n1, wp);
+        const int rows = imin(kPanelRows, n1 - n);
+        // The next panel's rows (one contiguous run of whole 8-row groups) are asked for into L2 a
+        // share per token panel, so that packing them does not wait on memory.
+        const bool last = n + kPanelRows >= n1;
+        const char* next = last ? nullptr : reinterpret_cast<const char*>(bf16_row(W, K, n + kPanelRows));
+        const size_t next_bytes =
+            last ? 0 : size_t(imin(kPanelRows, n1 - n - kPanelRows) + kBf16Rows - 1) / kBf16Rows * nb * 512;
+        for (int i = 0; i < panels; i++) {
+            for (size_t b = next_bytes * i / panels / 64 * 64; b < next_bytes * (i + 1) / panels; b += 64)
+                _mm_prefetch(next + b, _MM_HINT_T1);
+            const int m = i * kPanelTokens, mt = imin(kPanelTokens, M - m);
+            panel_tile_for(mt, std::make_integer_sequence<int, kPanelTokens>())(
+                wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, Y + size_t(m) * ldy + n, ldy, rows);
+        }
+    }
+}
+
 static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                         int ldy, int n0, int n1) {
-    if (M > 1) return matmul_bf16_dot(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    if (M >= kPanelMinTokens) return matmul_bf16_panels(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    if (M > 1) return matmul_bf16_tiles(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
     const float* xs = split_even_odd(X, K);
     auto B = [&](int n) { return bias ? bias + n : nullptr; };
     int n = n0;

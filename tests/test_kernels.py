@@ -38,7 +38,7 @@ def test_matmul_f32(isa, M, K, N):
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS_HERE)  # the emulated AMX tiles too
-@pytest.mark.parametrize("M", [1, 3, 5, 16, 17, 33])
+@pytest.mark.parametrize("M", [1, 3, 5, 16, 17, 33, 40])
 @pytest.mark.parametrize("K", [1, 15, 16, 33, 130])
 @pytest.mark.parametrize("N", [1, 4, 11, 21])
 def test_matmul_bf16(isa, M, K, N):
@@ -58,7 +58,8 @@ def bf16_tokens(isa, M, X):
 
 @pytest.mark.parametrize("isa", ALL_ISAS_HERE)  # the emulated AMX tiles too
 def test_matmul_bf16_large(isa):
-    # more tokens than one 64-token block, rows in several packed groups with a part-filled last one
+    # more tokens than one 64-token block (and than ten 12-token panels, the last part-filled), rows in
+    # several packed groups and 32-row panels with a part-filled last one
     X = rng.standard_normal((130, 300)).astype(np.float32)
     bits, Wf = bf16_bits(rng.standard_normal((75, 300)))
     want = bf16_tokens(isa, 130, X).astype(np.float64) @ Wf.T.astype(np.float64)
