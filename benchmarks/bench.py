@@ -5,7 +5,10 @@
     python benchmarks/bench.py --engines qwen2rt-q4c,qwen2rt-q4c/bf16 --contexts 8192   # KV cache dtypes
 
 Each engine runs in its own subprocess (so load time and peak RSS are its own), in alternation over
-several rounds (A B C A B C ...); the table shows medians. Decode is memory-bound, so its roofline
+several rounds (A B C A B C ...); the table shows medians. first_s is the first forward pass after
+loading (8 tokens), timed apart: it is where a model mapped from its file (a converted one, or
+llama.cpp's GGUF) reads its weights in, so load_s + first_s is a cold start, and the prefill and
+decode figures after it are all measured warm. Decode is memory-bound, so its roofline
 column is the bytes of weights read per token times tokens/s against the read bandwidth measured
 here; prefill is compute-bound, so its column is GFLOP/s (2 * weights read * tokens / s).
 """
@@ -63,6 +66,9 @@ def _run_qwen2rt(spec: dict) -> dict:
     embed = m._core.tensor_bytes("model.embed_tokens.weight")[1].nbytes
     out["read_bytes_per_token"] = m._core.weight_bytes - (0 if m.config.tie_word_embeddings else embed)
     ids = _prompt_ids(m.tokenize, max(spec["prompts"] + spec["contexts"] + [8]))
+    t = time.perf_counter()
+    int(np.argmax(m.forward(ids[:8])))
+    out["first_s"] = time.perf_counter() - t  # a mapped (converted) model reads its weights in here
     for p in spec["prompts"]:
         m.reset()
         t = time.perf_counter()
@@ -141,6 +147,9 @@ def _run_torch(spec: dict) -> dict:
            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     ids = _prompt_ids(lambda s: tok.encode(s), max(spec["prompts"] + spec["contexts"] + [8]))
     with torch.inference_mode():
+        t = time.perf_counter()
+        model(torch.tensor([ids[:8]]), use_cache=True).logits[0, -1].argmax()
+        out["first_s"] = time.perf_counter() - t
         for p in spec["prompts"]:
             t = time.perf_counter()
             model(torch.tensor([ids[:p]]), use_cache=True).logits[0, -1].argmax()
@@ -214,6 +223,10 @@ def _run_llama(spec: dict) -> dict:
     def argmax_last() -> int:  # the last evaluated token's logits (llama-cpp-python keeps no copy)
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
 
+    t = time.perf_counter()
+    llm.eval(ids[:8])
+    argmax_last()
+    out["first_s"] = time.perf_counter() - t
     for p in spec["prompts"]:
         llm.reset()
         t = time.perf_counter()
@@ -395,7 +408,8 @@ def main() -> None:
         med = {k: statistics.median(run[k] for run in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
         kind, dtype = e.split("-", 1)
         bits = BITS.get(dtype)
-        row = {"engine": e, "runs": len(runs), "load_s": med["load_s"], "peak_rss_gb": med["peak_rss_bytes"] / 1e9}
+        row = {"engine": e, "runs": len(runs), "load_s": med["load_s"], "first_s": med.get("first_s"),
+               "peak_rss_gb": med["peak_rss_bytes"] / 1e9}
         for p in prompts:
             row[f"prefill{p}_tok_s"] = p / med[f"prefill_{p}_s"]
         row["ttft128_s"] = med.get(f"prefill_{prompts[0]}_s")
@@ -419,7 +433,7 @@ def main() -> None:
         vals = [r[key] for e, r in rows.items() if e.startswith(prefix)]
         return max(vals) if vals else None
 
-    cols = ["engine", "load_s"] + [f"prefill{p}_tok_s" for p in dict.fromkeys([prompts[0], prompts[-1]])] + \
+    cols = ["engine", "load_s", "first_s"] + [f"prefill{p}_tok_s" for p in dict.fromkeys([prompts[0], prompts[-1]])] + \
            ["decode_tok_s"] + \
            [x for c in contexts for x in (f"decode@{c}_tok_s", f"decode@{c}_pct")] + \
            [f"batch{b}_tok_s" for b in batches] + ["decode_GB_s", "roofline_pct", "prefill_GFLOP_s", "peak_rss_gb",
