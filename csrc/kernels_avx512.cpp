@@ -132,8 +132,8 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
         }
         return;
     }
-    // Prefill: a block of up to 64 tokens (64*K floats, in L2) meets every weight row of [n0, n1);
-    // four weight rows (in L1) are reused across the whole token block.
+    // A few tokens (a prompt runs on panels, matmul_f32): a block of up to 64 tokens (64*K floats,
+    // in L2) meets every weight row of [n0, n1); four weight rows (in L1) are reused across it.
     constexpr int kTokenBlock = 64;
     for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
         const int m1 = imin(M, m0 + kTokenBlock);
@@ -148,10 +148,6 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
     }
 }
 
-static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
-                       int n0, int n1) {
-    matmul<float>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-}
 // bf16 weights, decode: a 64-byte load holds 32 bf16 values, two per 32-bit lane. Shifting the
 // lanes left by 16 gives the even-indexed values as f32, masking off the low halves gives the odd
 // ones, so one load feeds two FMAs with no widening shuffle -- once the activation is split the same
@@ -196,16 +192,17 @@ static void bf16_rows(const float* xs, int K, const uint16_t* W, const float* bi
 // summed in f32, so the one rounding is the tokens' (8 significant bits, as llama.cpp's BF16 and
 // PyTorch's bfloat16 round them). Decode (M = 1) keeps f32 tokens: it is memory-bound either way.
 //
-// A prompt (kPanelMinTokens tokens or more) runs on panels, as a BLAS packs its operands: each
-// 32-row weight panel and each token panel of up to 12 tokens is rearranged into column pairs,
-// [pair][row] and [pair][token], so that a pair step of the register tile loads 2 weight vectors
-// (32 rows) and broadcasts each of 12 tokens' pairs into `vdpbf16ps`: 24 accumulators, one f32
-// sum per (row, token), with no horizontal reduction. Fewer tokens run on 4 x 4 tiles of the
-// packed rows as they lie, reduced at the end of K, which costs a tenth of the work at K = 896 but
-// skips the weight panels' transposes (a sixth of the products' time at 16 tokens).
-// Qwen2.5-0.5B's matrices at 512 tokens, one Zen 4 core (benchmarks/ has no kernel-only timing;
-// a C++ loop over the packed matrices): 165 GFLOP/s on the tiles, 200 on the panels, of the
-// instruction's 230 measured peak. The tiles win below 32-48 tokens.
+// A prompt (kPanelMinTokens tokens or more) runs on panels, as a BLAS packs its operands (the
+// same for f32 weights, below, with one f32 column where bf16 has a pair): each 32-row weight panel
+// and each token panel of up to 12 tokens is rearranged into column pairs, [pair][row] and
+// [pair][token], so that a pair step of the register tile loads 2 weight vectors (32 rows) and
+// broadcasts each of 12 tokens' pairs into `vdpbf16ps`: 24 accumulators, one f32 sum per (row,
+// token), with no horizontal reduction. Fewer tokens run on 4 x 4 tiles of the packed rows as they
+// lie, reduced at the end of K, which costs a tenth of the work at K = 896 but skips the weight
+// panels' transposes (a sixth of the products' time at 16 tokens). Qwen2.5-0.5B's matrices at 512
+// tokens, one Zen 4 core (a C++ loop over the model's four matrix shapes): bf16 165 GFLOP/s on the
+// tiles, 200 on the panels, of `vdpbf16ps`'s 230 measured peak; f32 80 on the tiles, 100 on the
+// panels, of the FMA's 110. The tiles win below 32-48 tokens.
 
 // X rows as bf16 (kernels.h), each zero-padded to whole blocks of 32 as the packed rows are.
 const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld) {
@@ -302,59 +299,84 @@ constexpr int kPanelVecs = 2;  // 16 rows each
 constexpr int kPanelRows = 16 * kPanelVecs;
 constexpr int kPanelMinTokens = 32;
 
-// The first mt rows of X (mt <= kPanelTokens) as a token panel: out[p * mt + t] = token t's
-// columns 2p, 2p + 1 as bf16, for nb blocks of 32 columns (zero past K).
-static void tokens_to_panel(const float* X, int ldx, int mt, int K, int nb, uint32_t* out) {
-    for (int b = 0; b < nb; b++) {
-        const int k = b * kQBlock;
-        const __mmask16 lo = k + 16 <= K ? __mmask16(0xffff) : tail_mask(K - k);
+// What a panel holds, as 32-bit units: a pair of columns as bf16 (bf16 weights, `vdpbf16ps`), or
+// one f32 column (f32 weights, FMA). The kernels below are the same for both.
+struct Bf16Pairs {
+    using Weight = uint16_t;
+    static int units(int K) { return q_blocks(K) * 16; }  // whole packed blocks of 32 columns
+    // 16 units from unit u: of token row x, rounded to bf16; of packed row n
+    static __m512i token16(const float* x, int u, int K) {
+        const int k = 2 * u;
+        const __mmask16 lo = k + 16 <= K ? __mmask16(0xffff) : k < K ? tail_mask(K - k) : 0;
         const __mmask16 hi = k + 32 <= K ? __mmask16(0xffff) : k + 16 < K ? tail_mask(K - k - 16) : 0;
+        return __m512i(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + k + 16), _mm512_maskz_loadu_ps(lo, x + k)));
+    }
+    static __m512i row16(const uint16_t* W, int K, int n, int u) {
+        return _mm512_loadu_si512(bf16_at(bf16_row(W, K, n), 0, 2 * u));
+    }
+    static __m512 madd(__m512 acc, uint32_t x, __m512i w) {
+        return _mm512_dpbf16_ps(acc, __m512bh(_mm512_set1_epi32(int(x))), __m512bh(w));
+    }
+    // the bytes of rows [n, n + rows) (n a multiple of 8): whole 8-row groups
+    static const char* rows_at(const uint16_t* W, int K, int n) { return reinterpret_cast<const char*>(bf16_row(W, K, n)); }
+    static size_t rows_bytes(int rows, int K) { return size_t(rows + kBf16Rows - 1) / kBf16Rows * q_blocks(K) * 512; }
+};
+struct F32Columns {
+    using Weight = float;
+    static int units(int K) { return (K + 15) / 16 * 16; }
+    static __m512i token16(const float* x, int u, int K) {
+        return _mm512_castps_si512(_mm512_maskz_loadu_ps(u + 16 <= K ? __mmask16(0xffff) : tail_mask(K - u), x + u));
+    }
+    static __m512i row16(const float* W, int K, int n, int u) { return token16(W + size_t(n) * K, u, K); }
+    static __m512 madd(__m512 acc, uint32_t x, __m512i w) {
+        float xf;
+        __builtin_memcpy(&xf, &x, 4);
+        return _mm512_fmadd_ps(_mm512_set1_ps(xf), _mm512_castsi512_ps(w), acc);
+    }
+    static const char* rows_at(const float* W, int K, int n) { return reinterpret_cast<const char*>(W + size_t(n) * K); }
+    static size_t rows_bytes(int rows, int K) { return size_t(rows) * K * 4; }
+};
+
+// The first mt rows of X (mt <= kPanelTokens) as a token panel: out[u * mt + t] = token t's unit u,
+// for U::units(K) units (zero past K).
+template <class U>
+static void tokens_to_panel(const float* X, int ldx, int mt, int K, uint32_t* out) {
+    for (int u0 = 0; u0 < U::units(K); u0 += 16) {
         __m512i v[16];
-        for (int t = 0; t < 16; t++) {
-            if (t >= mt) {
-                v[t] = _mm512_setzero_si512();
-                continue;
-            }
-            const float* x = X + size_t(t) * ldx + k;
-            v[t] = __m512i(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + 16), _mm512_maskz_loadu_ps(lo, x)));
-        }
-        transpose16(v);  // v[p] lane t: token t's pair p
+        for (int t = 0; t < 16; t++) v[t] = t < mt ? U::token16(X + size_t(t) * ldx, u0, K) : _mm512_setzero_si512();
+        transpose16(v);  // v[u] lane t: token t's unit u0 + u
         const __mmask16 m = tail_mask(mt);
-        for (int p = 0; p < 16; p++) _mm512_mask_storeu_epi32(out + size_t(b * 16 + p) * mt, m, v[p]);
+        for (int u = 0; u < 16; u++) _mm512_mask_storeu_epi32(out + size_t(u0 + u) * mt, m, v[u]);
     }
 }
 
-// Rows n .. n + kPanelRows of a packed bf16 matrix (n a multiple of 8, rows from n_end on zero) as a
-// weight panel: out[(p * kPanelVecs + v) * 16 + r] = row n + 16v + r's columns 2p, 2p + 1.
-static void rows_to_panel(const uint16_t* W, int K, int nb, int n, int n_end, uint32_t* out) {
+// Rows n .. n + kPanelRows of W (rows from n_end on zero) as a weight panel:
+// out[(u * kPanelVecs + v) * 16 + r] = row n + 16v + r's unit u.
+template <class U>
+static void rows_to_panel(const typename U::Weight* W, int K, int n, int n_end, uint32_t* out) {
     for (int vec = 0; vec < kPanelVecs; vec++) {
         const int r0 = n + 16 * vec;
-        for (int b = 0; b < nb; b++) {
+        for (int u0 = 0; u0 < U::units(K); u0 += 16) {
             __m512i v[16];
-            for (int r = 0; r < 16; r++)
-                v[r] = r0 + r < n_end ? _mm512_loadu_si512(bf16_at(bf16_row(W, K, r0 + r), 0, b * kQBlock))
-                                      : _mm512_setzero_si512();
-            transpose16(v);  // v[p] lane r: row r's pair p
-            for (int p = 0; p < 16; p++) _mm512_store_si512(out + (size_t(b * 16 + p) * kPanelVecs + vec) * 16, v[p]);
+            for (int r = 0; r < 16; r++) v[r] = r0 + r < n_end ? U::row16(W, K, r0 + r, u0) : _mm512_setzero_si512();
+            transpose16(v);  // v[u] lane r: row r's unit u0 + u
+            for (int u = 0; u < 16; u++) _mm512_store_si512(out + (size_t(u0 + u) * kPanelVecs + vec) * 16, v[u]);
         }
     }
 }
 
-// Y[t][n + j] = bias[j] + sum over the P pairs of the weight panel times the token panel (MT tokens),
+// Y[t][j] = bias[j] + sum over the P units of the weight panel times the token panel (MT tokens),
 // for the first `rows` rows of the panel.
-template <int MT>
-static void bf16_panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, float* Y, int ldy,
-                            int rows) {
+template <class U, int MT>
+static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, float* Y, int ldy, int rows) {
     __m512 acc[MT][kPanelVecs];
     for (int t = 0; t < MT; t++)
         for (int v = 0; v < kPanelVecs; v++) acc[t][v] = _mm512_setzero_ps();
     for (int p = 0; p < P; p++) {
-        __m512bh w[kPanelVecs];
-        for (int v = 0; v < kPanelVecs; v++) w[v] = __m512bh(_mm512_load_si512(wp + (size_t(p) * kPanelVecs + v) * 16));
-        for (int t = 0; t < MT; t++) {
-            const __m512bh x = __m512bh(_mm512_set1_epi32(int(xp[size_t(p) * MT + t])));
-            for (int v = 0; v < kPanelVecs; v++) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], x, w[v]);
-        }
+        __m512i w[kPanelVecs];
+        for (int v = 0; v < kPanelVecs; v++) w[v] = _mm512_load_si512(wp + (size_t(p) * kPanelVecs + v) * 16);
+        for (int t = 0; t < MT; t++)
+            for (int v = 0; v < kPanelVecs; v++) acc[t][v] = U::madd(acc[t][v], xp[size_t(p) * MT + t], w[v]);
     }
     for (int v = 0; v < kPanelVecs; v++) {
         const int left = rows - 16 * v;
@@ -366,45 +388,51 @@ static void bf16_panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const
 }
 
 using PanelTileFn = void (*)(const uint32_t*, const uint32_t*, int, const float*, float*, int, int);
-template <int... MT>
+template <class U, int... MT>
 static PanelTileFn panel_tile_for(int mt, std::integer_sequence<int, MT...>) {
-    static const PanelTileFn fns[] = {bf16_panel_tile<MT + 1>...};
+    static const PanelTileFn fns[] = {panel_tile<U, MT + 1>...};
     return fns[mt - 1];
 }
 
-static void matmul_bf16_panels(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias,
-                               float* Y, int ldy, int n0, int n1) {
+template <class U>
+static void matmul_panels(const float* X, int ldx, int M, int K, const typename U::Weight* W, const float* bias,
+                          float* Y, int ldy, int n0, int n1) {
     static thread_local ThreadScratch<uint32_t> token_panels, weight_panel;
-    const int nb = q_blocks(K), P = nb * 16;
+    const int P = U::units(K);
     const int panels = (M + kPanelTokens - 1) / kPanelTokens;
     uint32_t* xp = token_panels.get(size_t(panels) * kPanelTokens * P);
     for (int i = 0; i < panels; i++) {
         const int mt = imin(kPanelTokens, M - i * kPanelTokens);
-        tokens_to_panel(X + size_t(i) * kPanelTokens * ldx, ldx, mt, K, nb, xp + size_t(i) * kPanelTokens * P);
+        tokens_to_panel<U>(X + size_t(i) * kPanelTokens * ldx, ldx, mt, K, xp + size_t(i) * kPanelTokens * P);
     }
     uint32_t* wp = weight_panel.get(size_t(P) * kPanelRows);
     for (int n = n0; n < n1; n += kPanelRows) {
-        rows_to_panel(W, K, nb, n, n1, wp);
+        rows_to_panel<U>(W, K, n, n1, wp);
         const int rows = imin(kPanelRows, n1 - n);
-        // The next panel's rows (one contiguous run of whole 8-row groups) are asked for into L2 a
-        // share per token panel, so that packing them does not wait on memory.
+        // The next panel's rows (one contiguous run) are asked for into L2 a share per token panel,
+        // so that packing them does not wait on memory.
         const bool last = n + kPanelRows >= n1;
-        const char* next = last ? nullptr : reinterpret_cast<const char*>(bf16_row(W, K, n + kPanelRows));
-        const size_t next_bytes =
-            last ? 0 : size_t(imin(kPanelRows, n1 - n - kPanelRows) + kBf16Rows - 1) / kBf16Rows * nb * 512;
+        const char* next = last ? nullptr : U::rows_at(W, K, n + kPanelRows);
+        const size_t next_bytes = last ? 0 : U::rows_bytes(imin(kPanelRows, n1 - n - kPanelRows), K);
         for (int i = 0; i < panels; i++) {
             for (size_t b = next_bytes * i / panels / 64 * 64; b < next_bytes * (i + 1) / panels; b += 64)
                 _mm_prefetch(next + b, _MM_HINT_T1);
             const int m = i * kPanelTokens, mt = imin(kPanelTokens, M - m);
-            panel_tile_for(mt, std::make_integer_sequence<int, kPanelTokens>())(
+            panel_tile_for<U>(mt, std::make_integer_sequence<int, kPanelTokens>())(
                 wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, Y + size_t(m) * ldy + n, ldy, rows);
         }
     }
 }
 
+static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
+                       int n0, int n1) {
+    if (M >= kPanelMinTokens) return matmul_panels<F32Columns>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    matmul<float>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+}
+
 static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                         int ldy, int n0, int n1) {
-    if (M >= kPanelMinTokens) return matmul_bf16_panels(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    if (M >= kPanelMinTokens) return matmul_panels<Bf16Pairs>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
     if (M > 1) return matmul_bf16_tiles(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
     const float* xs = split_even_odd(X, K);
     auto B = [&](int n) { return bias ? bias + n : nullptr; };
