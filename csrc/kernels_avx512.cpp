@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
 #include <utility>
 
 #include "kernels.h"
@@ -576,7 +577,7 @@ static inline void q_tile(const int8_t* xq, const float* xd, const int32_t* nzs,
     }
 }
 
-// Y rows of MR tokens x NG row groups (16 rows each; `rows` of them stored, from n).
+// Y rows of MR tokens x NG row groups (16 rows each; the first `rows` of them stored).
 template <bool Q4, int MR, int NG>
 static void q_rows(const int8_t* xq, const float* xd, const int32_t* nzs, int B, const uint8_t* group,
                    size_t group_bytes, const float* bias, float* Y, int ldy, int rows) {
