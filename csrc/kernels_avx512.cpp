@@ -27,16 +27,7 @@ static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline __mmask16 tail_mask(int n) { return __mmask16((1u << n) - 1u); }
 
 static inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load_w(const uint16_t* p) {
-    // bf16 -> f32 is a 16-bit shift: widen to 32 bits and move the payload to the high half.
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
 static inline __m512 load_w(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-static inline __m512 load_w(const uint16_t* p, __mmask16 m) {
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
 
 // exp(x) for a vector, within 2 ulp of expf: 2^n * p(r), r = x - n*ln2 in [-ln2/2, ln2/2].
 static inline __m512 exp512(__m512 x) {
