@@ -196,6 +196,49 @@ static void bf16_rows(const float* xs, int K, const uint16_t* W, const float* bi
 // tiles, 200 on the panels, of `vdpbf16ps`'s 230 measured peak; f32 80 on the tiles, 100 on the
 // panels, of the FMA's 110. The tiles win below 32-48 tokens.
 
+constexpr int kPanelTokens = 12;
+constexpr int kPanelVecs = 2;  // 16 rows each
+constexpr int kPanelRows = 16 * kPanelVecs;
+constexpr int kPanelMinTokens = 32;
+
+// What a panel holds, as 32-bit units: a pair of columns as bf16 (bf16 weights, `vdpbf16ps`), or
+// one f32 column (f32 weights, FMA). The kernels below are the same for both.
+struct Bf16Pairs {
+    using Weight = uint16_t;
+    static int units(int K) { return q_blocks(K) * 16; }  // whole packed blocks of 32 columns
+    // 16 units from unit u: of token row x, rounded to bf16; of packed row n
+    static __m512i token16(const float* x, int u, int K) {
+        const int k = 2 * u;
+        const __mmask16 lo = k + 16 <= K ? __mmask16(0xffff) : k < K ? tail_mask(K - k) : 0;
+        const __mmask16 hi = k + 32 <= K ? __mmask16(0xffff) : k + 16 < K ? tail_mask(K - k - 16) : 0;
+        return __m512i(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + k + 16), _mm512_maskz_loadu_ps(lo, x + k)));
+    }
+    static __m512i row16(const uint16_t* W, int K, int n, int u) {
+        return _mm512_loadu_si512(bf16_at(bf16_row(W, K, n), 0, 2 * u));
+    }
+    static __m512 madd(__m512 acc, uint32_t x, __m512i w) {
+        return _mm512_dpbf16_ps(acc, __m512bh(_mm512_set1_epi32(int(x))), __m512bh(w));
+    }
+    // the bytes of rows [n, n + rows) (n a multiple of 8): whole 8-row groups
+    static const char* rows_at(const uint16_t* W, int K, int n) { return reinterpret_cast<const char*>(bf16_row(W, K, n)); }
+    static size_t rows_bytes(int rows, int K) { return size_t(rows + kBf16Rows - 1) / kBf16Rows * q_blocks(K) * 512; }
+};
+struct F32Columns {
+    using Weight = float;
+    static int units(int K) { return (K + 15) / 16 * 16; }
+    static __m512i token16(const float* x, int u, int K) {
+        return _mm512_castps_si512(_mm512_maskz_loadu_ps(u + 16 <= K ? __mmask16(0xffff) : tail_mask(K - u), x + u));
+    }
+    static __m512i row16(const float* W, int K, int n, int u) { return token16(W + size_t(n) * K, u, K); }
+    static __m512 madd(__m512 acc, uint32_t x, __m512i w) {
+        float xf;
+        __builtin_memcpy(&xf, &x, 4);
+        return _mm512_fmadd_ps(_mm512_set1_ps(xf), _mm512_castsi512_ps(w), acc);
+    }
+    static const char* rows_at(const float* W, int K, int n) { return reinterpret_cast<const char*>(W + size_t(n) * K); }
+    static size_t rows_bytes(int rows, int K) { return size_t(rows) * K * 4; }
+};
+
 // X rows as bf16 (kernels.h), each zero-padded to whole blocks of 32 as the packed rows are.
 const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld) {
     static thread_local ThreadScratch<uint16_t> scratch;
@@ -205,12 +248,7 @@ const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, si
     for (int m = 0; m < M; m++) {
         const float* x = X + size_t(m) * ldx;
         uint16_t* b = buf + size_t(m) * ld;
-        for (size_t k = 0; k < ld; k += 32) {
-            const __mmask16 lo = k + 16 <= size_t(K) ? __mmask16(0xffff) : k < size_t(K) ? tail_mask(int(K - k)) : 0;
-            const __mmask16 hi = k + 32 <= size_t(K) ? __mmask16(0xffff) : k + 16 < size_t(K) ? tail_mask(int(K - k - 16)) : 0;
-            const __m512 a = _mm512_maskz_loadu_ps(lo, x + k), c = _mm512_maskz_loadu_ps(hi, x + k + 16);
-            _mm512_storeu_si512(b + k, __m512i(_mm512_cvtne2ps_pbh(c, a)));
-        }
+        for (size_t k = 0; k < ld; k += 32) _mm512_storeu_si512(b + k, Bf16Pairs::token16(x, int(k / 2), K));
     }
     return buf;
 }
@@ -285,49 +323,6 @@ static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint1
         }
     }
 }
-
-constexpr int kPanelTokens = 12;
-constexpr int kPanelVecs = 2;  // 16 rows each
-constexpr int kPanelRows = 16 * kPanelVecs;
-constexpr int kPanelMinTokens = 32;
-
-// What a panel holds, as 32-bit units: a pair of columns as bf16 (bf16 weights, `vdpbf16ps`), or
-// one f32 column (f32 weights, FMA). The kernels below are the same for both.
-struct Bf16Pairs {
-    using Weight = uint16_t;
-    static int units(int K) { return q_blocks(K) * 16; }  // whole packed blocks of 32 columns
-    // 16 units from unit u: of token row x, rounded to bf16; of packed row n
-    static __m512i token16(const float* x, int u, int K) {
-        const int k = 2 * u;
-        const __mmask16 lo = k + 16 <= K ? __mmask16(0xffff) : k < K ? tail_mask(K - k) : 0;
-        const __mmask16 hi = k + 32 <= K ? __mmask16(0xffff) : k + 16 < K ? tail_mask(K - k - 16) : 0;
-        return __m512i(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + k + 16), _mm512_maskz_loadu_ps(lo, x + k)));
-    }
-    static __m512i row16(const uint16_t* W, int K, int n, int u) {
-        return _mm512_loadu_si512(bf16_at(bf16_row(W, K, n), 0, 2 * u));
-    }
-    static __m512 madd(__m512 acc, uint32_t x, __m512i w) {
-        return _mm512_dpbf16_ps(acc, __m512bh(_mm512_set1_epi32(int(x))), __m512bh(w));
-    }
-    // the bytes of rows [n, n + rows) (n a multiple of 8): whole 8-row groups
-    static const char* rows_at(const uint16_t* W, int K, int n) { return reinterpret_cast<const char*>(bf16_row(W, K, n)); }
-    static size_t rows_bytes(int rows, int K) { return size_t(rows + kBf16Rows - 1) / kBf16Rows * q_blocks(K) * 512; }
-};
-struct F32Columns {
-    using Weight = float;
-    static int units(int K) { return (K + 15) / 16 * 16; }
-    static __m512i token16(const float* x, int u, int K) {
-        return _mm512_castps_si512(_mm512_maskz_loadu_ps(u + 16 <= K ? __mmask16(0xffff) : tail_mask(K - u), x + u));
-    }
-    static __m512i row16(const float* W, int K, int n, int u) { return token16(W + size_t(n) * K, u, K); }
-    static __m512 madd(__m512 acc, uint32_t x, __m512i w) {
-        float xf;
-        __builtin_memcpy(&xf, &x, 4);
-        return _mm512_fmadd_ps(_mm512_set1_ps(xf), _mm512_castsi512_ps(w), acc);
-    }
-    static const char* rows_at(const float* W, int K, int n) { return reinterpret_cast<const char*>(W + size_t(n) * K); }
-    static size_t rows_bytes(int rows, int K) { return size_t(rows) * K * 4; }
-};
 
 // The first mt rows of X (mt <= kPanelTokens) as a token panel: out[u * mt + t] = token t's unit u,
 // for U::units(K) units (zero past K).
