@@ -10,7 +10,11 @@ loading (8 tokens), timed apart: it is where a model mapped from its file (a con
 llama.cpp's GGUF) reads its weights in, so load_s + first_s is a cold start, and the prefill and
 decode figures after it are all measured warm. Decode is memory-bound, so its roofline
 column is the bytes of weights read per token times tokens/s against the read bandwidth measured
-here; prefill is compute-bound, so its column is GFLOP/s (2 * weights read * tokens / s).
+here; prefill is compute-bound, so its column is GFLOP/s (2 * weights read * tokens / s), and
+prefill_peak_pct sets that against the peak of the instruction a prefill of those weights multiplies
+with on this CPU (vfmadd231ps for f32, vdpbf16ps for bf16, vpdpbusd for 8 and 4 bits; measured
+here on the same threads, AVX-512 only). Attention and the rest of a layer are in the time but not
+in the FLOPs, so no engine reaches 100%; AMX tiles, where they run, can pass it.
 """
 
 from __future__ import annotations
@@ -331,6 +335,22 @@ def read_bandwidth(threads: int, gib: float = 1.0) -> float:
     return _core.read_bandwidth(int(gib * (1 << 30)), threads, 5)
 
 
+def multiply_add_peaks(threads: int) -> dict[str, float]:
+    """Ops/s (a multiply or an add each) of `threads` cores issuing the f32, bf16 and int8 prefill
+    instructions in registers alone; {} where qwen2rt has no AVX-512 kernels here."""
+    from qwen2rt import _core
+
+    try:
+        return {op: _core.multiply_add_peak(op, threads) for op in ("f32", "bf16", "int8")}
+    except ValueError:
+        return {}
+
+
+# the peak a prefill of weights of each dtype is held against: the instruction it multiplies with
+PEAK_OP = {"f32": "f32", "bf16": "bf16", "BF16": "bf16", "q8": "int8", "q4": "int8", "q8c": "int8", "q4c": "int8",
+           "Q8_0": "int8", "Q4_0": "int8"}
+
+
 def weights_read_per_token(cfg) -> int:
     """Weights a decode step reads: every layer matrix and the lm_head (the embedding table is only
     gathered one row at a time)."""
@@ -373,8 +393,10 @@ def main() -> None:
     # measured again after every engine: the host is shared, and its best figure is what the machine can do
     bws = [read_bandwidth(a.threads)]
     bw = bws[0]
+    peaks = multiply_add_peaks(a.threads)  # also measured after every engine, as the bandwidth: the best counts
     print(f"model {gguf}\nthreads {a.threads}, {system_info()['isa']}; read bandwidth {bw / 1e9:.1f} GB/s; "
-          f"{per_token / 1e6:.0f} M weights read per decoded token", file=sys.stderr)
+          f"{per_token / 1e6:.0f} M weights read per decoded token; multiply-add peaks "
+          f"{', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items()) or '-'} GFLOP/s", file=sys.stderr)
 
     builds = engine_builds(engines)
     for k, v in builds.items():
@@ -398,6 +420,7 @@ def main() -> None:
             results[e].append(json.loads(line[7:]))
             # after every engine: the host's bandwidth comes and goes with its other tenants
             bws.append(read_bandwidth(a.threads))
+            peaks = {k: max(v, peaks.get(k, 0.0)) for k, v in multiply_add_peaks(a.threads).items()}
             print(f"round {r + 1} {e}: done; read bandwidth {bws[-1] / 1e9:.1f} GB/s", file=sys.stderr)
     bw = max(bws)
 
@@ -425,6 +448,8 @@ def main() -> None:
             row["roofline_pct"] = 100 * row["decode_GB_s"] / (bw / 1e9)
         flops_per_token = 2 * (per_token - cfg.vocab_size * cfg.hidden_size)  # the lm_head runs once per prompt
         row["prefill_GFLOP_s"] = row[f"prefill{prompts[-1]}_tok_s"] * flops_per_token / 1e9
+        peak = peaks.get(PEAK_OP.get(dtype.split("/")[0], ""))
+        row["prefill_peak_pct"] = 100 * row["prefill_GFLOP_s"] * 1e9 / peak if peak else None
         if med.get("kv_bytes") is not None:  # the issue's bound: peak RSS <= 1.15 x (weights + KV cache)
             row["rss_x_weights_kv"] = med["peak_rss_bytes"] / (med["weight_bytes"] + med["kv_bytes"])
         rows[e] = row
@@ -436,7 +461,8 @@ def main() -> None:
     cols = ["engine", "load_s", "first_s"] + [f"prefill{p}_tok_s" for p in dict.fromkeys([prompts[0], prompts[-1]])] + \
            ["decode_tok_s"] + \
            [x for c in contexts for x in (f"decode@{c}_tok_s", f"decode@{c}_pct")] + \
-           [f"batch{b}_tok_s" for b in batches] + ["decode_GB_s", "roofline_pct", "prefill_GFLOP_s", "peak_rss_gb",
+           [f"batch{b}_tok_s" for b in batches] + ["decode_GB_s", "roofline_pct", "prefill_GFLOP_s", "prefill_peak_pct",
+                                                      "peak_rss_gb",
                                                       "rss_x_weights_kv",
                                                       "vs_llama_decode", "vs_torch_decode", "vs_best_prefill"]
     longest = f"prefill{prompts[-1]}_tok_s"
@@ -461,10 +487,14 @@ def main() -> None:
     print(f"\nread bandwidth {bw / 1e9:.1f} GB/s with {a.threads} threads (the best of "
           f"{', '.join(f'{b / 1e9:.1f}' for b in bws)}, measured before the rounds and after each engine); "
           f"vs_llama_decode compares with llama.cpp "
-          f"at the same bits per weight (else its fastest); vs_best_prefill with the fastest of llama.cpp and PyTorch.")
+          f"at the same bits per weight (else its fastest); vs_best_prefill with the fastest of llama.cpp and PyTorch."
+          + (f" Multiply-add peaks on {a.threads} threads (the best of the measures before the rounds and after "
+             f"each engine): "
+             f"{', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items())} GFLOP/s." if peaks else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": gguf, "threads": a.threads, "bandwidth_Bps": bw, "bandwidth_samples_Bps": bws,
+                       "multiply_add_peaks_flops": peaks,
                        "weights_per_token": per_token,
                        "system": system_info(), "builds": builds, "rows": rows, "raw": results}, f, indent=2)
     if a.png:

@@ -11,7 +11,7 @@
 //   /tmp/matmul_kernels avx512 bf16 512     # ISA, f32|bf16|q8|q4, tokens
 //
 // Each matrix is timed 5 times on 1 thread and on 2 (rows split as the model splits them); the
-// best time counts. The peaks are register-only loops of one instruction (12 independent sums).
+// best time counts. The peaks are register-only loops of one instruction (avx512::multiply_add_loop).
 #include <omp.h>
 
 #include <algorithm>
@@ -30,32 +30,15 @@ using namespace qwen2rt;
 
 static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-#define REPEAT12(op) \
-    op " %%zmm30, %%zmm31, %%zmm0\n" op " %%zmm30, %%zmm31, %%zmm1\n" op " %%zmm30, %%zmm31, %%zmm2\n" \
-    op " %%zmm30, %%zmm31, %%zmm3\n" op " %%zmm30, %%zmm31, %%zmm4\n" op " %%zmm30, %%zmm31, %%zmm5\n" \
-    op " %%zmm30, %%zmm31, %%zmm6\n" op " %%zmm30, %%zmm31, %%zmm7\n" op " %%zmm30, %%zmm31, %%zmm8\n" \
-    op " %%zmm30, %%zmm31, %%zmm9\n" op " %%zmm30, %%zmm31, %%zmm10\n" op " %%zmm30, %%zmm31, %%zmm11\n"
-#define PEAK_LOOP(op)                                                                                     \
-    __asm__ volatile("vpxord %%zmm30, %%zmm30, %%zmm30\n vpxord %%zmm31, %%zmm31, %%zmm31\n mov %0, %%rcx\n" \
-                     "1:\n" REPEAT12(op) "dec %%rcx\n jnz 1b\n"                                                \
-                     :                                                                                         \
-                     : "r"(iters)                                                                              \
-                     : "rcx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",  \
-                       "xmm10", "xmm11", "xmm30", "xmm31")
-
 // Multiply-adds x 2 a second (an op is a multiply or an add) of the instruction the format's
-// prefill runs on.
-__attribute__((target("avx512f"))) static double peak(const std::string& fmt) {
+// prefill runs on, on one core (kernels.h).
+static double peak(const std::string& fmt) {
+    using avx512::MultiplyAdd;
+    const MultiplyAdd op = fmt == "f32" ? MultiplyAdd::F32 : fmt == "bf16" ? MultiplyAdd::Bf16 : MultiplyAdd::Int8;
     const long iters = 50000000;
     const double t = now();
-    if (fmt == "f32")
-        PEAK_LOOP("vfmadd231ps");
-    else if (fmt == "bf16")
-        PEAK_LOOP("vdpbf16ps");
-    else
-        PEAK_LOOP("vpdpbusd");
-    const int ops_each = fmt == "f32" ? 32 : fmt == "bf16" ? 64 : 128;
-    return iters * 12.0 * ops_each / (now() - t) * 1e-9;
+    avx512::multiply_add_loop(op, iters);
+    return iters * 12.0 * avx512::multiply_adds_per_instruction(op) * 2 / (now() - t) * 1e-9;
 }
 
 int main(int argc, char** argv) {

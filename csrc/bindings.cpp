@@ -269,6 +269,42 @@ PYBIND11_MODULE(_core, m) {
         return d;
     });
     m.def(
+        "multiply_add_peak",
+        [](const std::string& op, int threads) {
+            // Ops a second (a multiply or an add each) of `threads` cores issuing, all at once, the
+            // instruction a prefill of op's weights multiplies with (kernels.h MultiplyAdd): the
+            // benchmark's prefill roofline. The best of 3 runs, the first of which also raises the clock.
+#if defined(QWEN2RT_X86)
+            using avx512::MultiplyAdd;
+            if (!find_kernels("avx512"))
+                throw InvalidArgument("multiply_add_peak needs the avx512 kernels (AVX-512 with VNNI and BF16)");
+            const MultiplyAdd o = op == "f32"    ? MultiplyAdd::F32
+                                  : op == "bf16" ? MultiplyAdd::Bf16
+                                  : op == "int8" ? MultiplyAdd::Int8
+                                                 : throw InvalidArgument("op must be f32, bf16 or int8");
+            if (threads < 1) throw InvalidArgument("threads must be positive");
+            constexpr long kIters = 20000000;  // 240 M instructions, ~0.07 s a core at one a cycle
+            const double ops = double(kIters) * 12 * avx512::multiply_adds_per_instruction(o) * 2;
+            double best = 0;
+            py::gil_scoped_release nogil;
+            for (int r = 0; r < 3; r++) {
+                double total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+                {
+                    const auto t0 = std::chrono::steady_clock::now();
+                    avx512::multiply_add_loop(o, kIters);
+                    total += ops / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                }
+                best = std::max(best, total);
+            }
+            return best;
+#else
+            (void)op, (void)threads;
+            throw InvalidArgument("multiply_add_peak needs the avx512 kernels (AVX-512 with VNNI and BF16)");
+#endif
+        },
+        py::arg("op"), py::arg("threads") = 1);
+    m.def(
         "read_bandwidth",
         [](size_t nbytes, int threads, int reps) {
             // Bytes per second of summing a buffer larger than the caches (the decode roofline).

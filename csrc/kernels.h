@@ -146,6 +146,13 @@ const Kernels* kernels_amx_emulated();
 // past M), each zero-padded to whole blocks of 32 (ld values apart): the AVX-512 and AMX prefills.
 namespace avx512 {
 const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld);
+// The instruction each prefill multiplies with: F32 `vfmadd231ps` (f32 weights, 16 multiply-adds),
+// Bf16 `vdpbf16ps` (bf16, 32), Int8 `vpdpbusd` (q8 and q4, 64). multiply_add_loop runs iters x 12 of
+// it on registers alone, for timing one core's peak (multiply_add_peak in bindings.cpp, which
+// benchmarks/ compare the prefills with). Only where the avx512 table runs.
+enum class MultiplyAdd { F32, Bf16, Int8 };
+constexpr int multiply_adds_per_instruction(MultiplyAdd op) { return op == MultiplyAdd::F32 ? 16 : op == MultiplyAdd::Bf16 ? 32 : 64; }
+void multiply_add_loop(MultiplyAdd op, long iters);
 }
 // The AVX-512 attention hands head sizes other than 64 and 128 to the AVX2 one.
 namespace avx2 {

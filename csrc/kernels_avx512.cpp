@@ -915,6 +915,35 @@ static void attention_bf16(const float* q, int G, int head_dim, const uint16_t* 
     attend_blocks(qp, G, head_dim, K, V, n_keys, scale, scratch, out, lse);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The instruction peaks (kernels.h): a loop of one instruction on 12 independent registers, with
+// nothing from memory, is as many of them a cycle as the core can issue (the caller times it: the
+// clock's inline templates must not be instantiated in this unit). In assembly, because a
+// compiler given the same loop in C may keep the sums in memory (a first try here measured half).
+
+#define QWEN2RT_REPEAT12(op)                                                                                        \
+    op " %%zmm30, %%zmm31, %%zmm0\n" op " %%zmm30, %%zmm31, %%zmm1\n" op " %%zmm30, %%zmm31, %%zmm2\n"          \
+    op " %%zmm30, %%zmm31, %%zmm3\n" op " %%zmm30, %%zmm31, %%zmm4\n" op " %%zmm30, %%zmm31, %%zmm5\n"           \
+    op " %%zmm30, %%zmm31, %%zmm6\n" op " %%zmm30, %%zmm31, %%zmm7\n" op " %%zmm30, %%zmm31, %%zmm8\n"           \
+    op " %%zmm30, %%zmm31, %%zmm9\n" op " %%zmm30, %%zmm31, %%zmm10\n" op " %%zmm30, %%zmm31, %%zmm11\n"
+#define QWEN2RT_PEAK_LOOP(op, iters)                                                                                \
+    __asm__ volatile("vpxord %%zmm30, %%zmm30, %%zmm30\n vpxord %%zmm31, %%zmm31, %%zmm31\n mov %0, %%rcx\n"   \
+                     "1:\n" QWEN2RT_REPEAT12(op) "dec %%rcx\n jnz 1b\n"                                          \
+                     :                                                                                           \
+                     : "r"(iters)                                                                                \
+                     : "rcx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",    \
+                       "xmm10", "xmm11", "xmm30", "xmm31", "cc")
+
+void multiply_add_loop(MultiplyAdd op, long iters) {
+    switch (op) {
+        case MultiplyAdd::F32: QWEN2RT_PEAK_LOOP("vfmadd231ps", iters); break;
+        case MultiplyAdd::Bf16: QWEN2RT_PEAK_LOOP("vdpbf16ps", iters); break;
+        case MultiplyAdd::Int8: QWEN2RT_PEAK_LOOP("vpdpbusd", iters); break;
+    }
+}
+#undef QWEN2RT_PEAK_LOOP
+#undef QWEN2RT_REPEAT12
+
 static const Kernels table = {
     "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, attention_f32, attention_f16, attention_bf16,
     add,

@@ -232,6 +232,21 @@ def test_read_bandwidth_reads_any_size():
     assert _core.read_bandwidth((1 << 20) + 40, 1, 1) > 1e8
 
 
+def test_multiply_add_peak_counts_each_instruction():
+    # bench.py's prefill roofline: ops per second of the f32, bf16 and int8 instructions, whose
+    # multiply-adds per instruction are 16, 32 and 64; refused without the AVX-512 kernels
+    if "avx512" not in _core.available_isas():
+        with pytest.raises(qwen2rt.InvalidInputError, match="avx512"):
+            _core.multiply_add_peak("bf16", 1)
+        return
+    peaks = {op: _core.multiply_add_peak(op, 1) for op in ("f32", "bf16", "int8")}
+    assert all(p > 1e9 for p in peaks.values()), peaks
+    with pytest.raises(qwen2rt.InvalidInputError, match="op must be"):
+        _core.multiply_add_peak("fp8", 1)
+    with pytest.raises(qwen2rt.InvalidInputError, match="threads"):
+        _core.multiply_add_peak("f32", 0)
+
+
 def test_attention_seconds_times_the_kernel():
     # benchmarks/attention.py's timer: a positive time, and bad sizes refused before allocating
     for kv in ("f32", "f16", "bf16"):
