@@ -5,16 +5,16 @@
     python benchmarks/bench.py --engines qwen2rt-q4c,qwen2rt-q4c/bf16 --contexts 8192   # KV cache dtypes
 
 Each engine runs in its own subprocess (so load time and peak RSS are its own), in alternation over
-several rounds (A B C A B C ...); the table shows medians. first_s is the first forward pass after
-loading (8 tokens), timed apart: it is where a model mapped from its file (a converted one, or
-llama.cpp's GGUF) reads its weights in, so load_s + first_s is a cold start, and the prefill and
-decode figures after it are all measured warm. Decode is memory-bound, so its roofline
-column is the bytes of weights read per token times tokens/s against the read bandwidth measured
-here; prefill is compute-bound, so its column is GFLOP/s (2 * weights read * tokens / s), and
-prefill_peak_pct sets that against the peak of the instruction a prefill of those weights multiplies
-with on this CPU (vfmadd231ps for f32, vdpbf16ps for bf16, vpdpbusd for 8 and 4 bits; measured
-here on the same threads, AVX-512 only). Attention and the rest of a layer are in the time but not
-in the FLOPs, so no engine reaches 100%; AMX tiles, where they run, can pass it.
+several rounds, every other one in reverse (A B C C B A ...); the table shows medians. first_s is
+the first forward pass after loading (8 tokens), timed apart: it is where a model mapped from its
+file (a converted one, or llama.cpp's GGUF) reads its weights in, so load_s + first_s is a cold
+start, and the prefill and decode figures after it are all measured warm. Decode is memory-bound, so
+its roofline column is the bytes of weights read per token times tokens/s against the read bandwidth
+measured here; prefill is compute-bound, so its column is GFLOP/s (2 * weights read * tokens / s),
+and prefill_peak_pct sets that against the peak of the instruction a prefill of those weights
+multiplies with on this CPU (vfmadd231ps for f32, vdpbf16ps for bf16, vpdpbusd for 8 and 4 bits;
+measured here on the same threads, AVX-512 only). Attention and the rest of a layer are in the time
+but not in the FLOPs, so no engine reaches 100%; AMX tiles, where they run, can pass it.
 """
 
 from __future__ import annotations
@@ -407,7 +407,9 @@ def main() -> None:
             _converted(gguf, e.split("/")[0].split("-", 1)[1][:-1])
     results: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(a.rounds):
-        for e in engines:
+        # every other round in reverse (A B C, C B A, ...): the host's speed drifts over a run (tens of
+        # seconds fast, then slow), and a fixed order would hand each engine the same share of it
+        for e in engines if r % 2 == 0 else engines[::-1]:
             kind, dtype = e.split("-", 1)
             spec = dict(engine=kind, dtype=dtype, model=gguf, gguf=gguf, threads=a.threads, prompts=prompts,
                         decode=a.decode, contexts=contexts, batches=batches,
