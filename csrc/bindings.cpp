@@ -183,11 +183,14 @@ struct PyModel {
 };
 
 py::array_t<float> kernel_matmul(const std::string& isa, py::array_t<float, py::array::c_style | py::array::forcecast> X,
-                                 py::array W, py::object bias) {
+                                 py::array W, py::object bias, int n0, int n1) {
     const Kernels* K = find_kernels(isa);
     if (!K) throw InvalidArgument("ISA '" + isa + "' is not available");
     if (X.ndim() != 2 || W.ndim() != 2 || X.shape(1) != W.shape(1)) throw InvalidArgument("matmul: X [M,K], W [N,K]");
     const int M = int(X.shape(0)), Kd = int(X.shape(1)), N = int(W.shape(0));
+    if (n1 < 0) n1 = N;
+    if (n0 < 0 || n0 % 16 || n1 > N || n0 > n1)  // the kernels' rule: a thread's rows start on 16
+        throw InvalidArgument("matmul: rows [n0, n1) must lie in [0, N) with n0 a multiple of 16");
     std::vector<float> b;
     if (!bias.is_none()) {
         auto ba = bias.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
@@ -195,16 +198,17 @@ py::array_t<float> kernel_matmul(const std::string& isa, py::array_t<float, py::
         b.assign(ba.data(), ba.data() + N);
     }
     py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
+    std::fill(Y.mutable_data(), Y.mutable_data() + size_t(M) * size_t(N), 0.f);  // the rows outside [n0, n1)
     if (py::isinstance<py::array_t<float>>(W)) {
         auto w = W.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
-        K->matmul_f32(X.data(), Kd, M, Kd, w.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
+        K->matmul_f32(X.data(), Kd, M, Kd, w.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, n0, n1);
     } else if (py::isinstance<py::array_t<uint16_t>>(W)) {  // bf16 bit patterns, row-major: packed first
         auto w = W.cast<py::array_t<uint16_t, py::array::c_style | py::array::forcecast>>();
         std::vector<float> wf(size_t(N) * size_t(Kd));
         for (size_t i = 0; i < wf.size(); i++) wf[i] = bf16_to_f32(w.data()[i]);
         std::vector<uint16_t> packed(bf16_bytes(N, Kd) / 2);
         pack_bf16(wf.data(), N, Kd, size_t(Kd), packed.data(), 1);
-        K->matmul_bf16(X.data(), Kd, M, Kd, packed.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
+        K->matmul_bf16(X.data(), Kd, M, Kd, packed.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, n0, n1);
     } else {
         throw InvalidArgument("matmul: W must be float32 or uint16 (bf16 bits)");
     }
@@ -476,7 +480,8 @@ PYBIND11_MODULE(_core, m) {
     // Single kernels, for the tests against numpy.
     py::module_ k = m.def_submodule("kernels", "Individual kernels of one ISA, for testing");
     k.def("matmul", &kernel_matmul, py::arg("isa"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
-          "Y = X @ W.T (+ bias); W float32 or uint16 holding bf16 bits");
+          py::arg("n0") = 0, py::arg("n1") = -1,
+          "Y[:, n0:n1] = X @ W[n0:n1].T (+ bias), the other columns 0; W float32 or uint16 holding bf16 bits");
     k.def(
         "quantize_weights",
         [](const std::string& fmt, F32Array W, int threads) {

@@ -38,7 +38,7 @@ struct Kernels {
 
     // Y[m*ldy + n] = sum_k X[m*ldx + k] * W[n*K + k] (+ bias[n]) for 0 <= m < M, n0 <= n < n1.
     // W is a [N, K] weight matrix (a torch Linear weight): f32 row-major, bf16 packed (quant.h; n0 a
-    // multiple of 8). Each W row is loaded once per block of tokens, so a prefill reuses weights across
+    // multiple of 16). Each W row is loaded once per block of tokens, so a prefill reuses weights across
     // tokens; the caller splits n across threads.
     void (*matmul_f32)(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y,
                        int ldy, int n0, int n1);

@@ -38,8 +38,6 @@
 namespace qwen2rt {
 namespace amx {
 
-#include "transpose16.inc"
-
 static inline int imin(int a, int b) { return a < b ? a : b; }
 
 // The 64-byte operand of ldtilecfg (palette 1: eight tiles of up to 16 rows of 64 bytes).
@@ -131,61 +129,16 @@ struct EmulatedTiles {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Y = X W^T for bf16 W, in tiles.
-//
-// A packed bf16 matrix (quant.h) keeps, for each group of 8 rows and block of 32 columns, the 8
-// rows' 32 values one row after another: 512 contiguous bytes, which is an A tile of 8 rows of 64
-// bytes as it lies, with no repacking. The tokens are the B operand, which TDPBF16PS wants in
-// pairs: row r of a B tile is, for each of 16 tokens, its columns 2r and 2r + 1. They are rounded
-// to bf16 into that layout once per call (as the AVX-512 prefill rounds them), 16 tokens x 32
-// columns a 1 KiB tile, [token tile][column block][pair][token][2].
-//
-// The tiles (accumulate, below): A[i] is weight group i of two, B[j] token tile j of two, and C[i][j]
-// 8 weight rows x 16 tokens (f32). Each column block loads 2 A and 2 B tiles for 4 products: 16
-// weight rows x 32 tokens x 32 columns.
+// Y = X W^T in tiles: the weights are the B operand and the tokens the A one, so that C is
+// [16 tokens][16 weight rows], Y's own orientation. TDPBF16PS wants B in pairs: row r of a B tile
+// is, for each of 16 weight rows, its columns 2r and 2r + 1. A packed bf16 group (quant.h) is
+// exactly that, 32 rows wide: a B tile is 16 of its column pairs for 16 of its rows, rows of 64
+// bytes 128 apart, read as it lies. q8 / q4 weights are dequantized into the same shape (below).
+// The tokens are rounded to bf16 once per call, rows zero-padded to whole blocks of 32 columns
+// (avx512::rows_to_bf16, as the AVX-512 prefill rounds them): an A tile is 16 tokens x 32 columns.
 
 constexpr int kTileTokens = 16;
-constexpr int kTokenBlock = 128;  // tokens whose packed tiles (up to 1.2 MiB at K = 4864) stay in L2
-
-// X [M, K] f32 -> B tiles (above) for token tiles 0 .. ceil(M / 32) * 2, zero past M and K: a
-// per-thread buffer that grows to the largest call.
-static const uint16_t* tokens_to_tiles(const float* X, int ldx, int M, int K) {
-    static thread_local ThreadScratch<uint16_t> s;
-    const int nb = q_blocks(K);
-    const int tiles = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2;
-    uint16_t* buf = s.get(size_t(tiles) * size_t(nb) * 512);
-    for (int tt = 0; tt < tiles; tt++)
-        for (int b = 0; b < nb; b++) {
-            const int k = b * kQBlock;
-            const __mmask16 lo = k + 16 <= K ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1u);
-            const __mmask16 hi = k + 32 <= K ? __mmask16(0xffff) : k + 16 < K ? __mmask16((1u << (K - k - 16)) - 1u) : 0;
-            __m512i v[16];
-            for (int t = 0; t < kTileTokens; t++) {
-                const int m = tt * kTileTokens + t;
-                if (m >= M) {
-                    v[t] = _mm512_setzero_si512();
-                    continue;
-                }
-                const float* x = X + size_t(m) * ldx + k;
-                v[t] = __m512i(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + 16), _mm512_maskz_loadu_ps(lo, x)));
-            }
-            transpose16(v);  // v[r] lane t: token t's pair r
-            uint16_t* out = buf + (size_t(tt) * nb + b) * 512;
-            for (int r = 0; r < 16; r++) _mm512_store_si512(out + r * 32, v[r]);
-        }
-    return buf;
-}
-
-// C[i][j] (8 weight rows x 16 tokens) into Y, transposed, for the rows below n1 and tokens below M.
-template <class Tiles, int C>
-static void store_c(float* Y, int ldy, int M, int m, int n, int n1, const float* bias) {
-    alignas(64) float c[8][16];
-    Tiles::template store<C>(c, 64);
-    for (int r = 0; r < 8 && n + r < n1; r++) {
-        const float b = bias ? bias[n + r] : 0.f;
-        for (int t = 0; t < 16 && m + t < M; t++) Y[size_t(m + t) * ldy + n + r] = c[r][t] + b;
-    }
-}
+constexpr int kTokenBlock = 128;  // tokens whose bf16 rows (up to 1.2 MiB at K = 4864) stay in L2
 
 // C[i][j] in tmm 2i + j = the sum over nb column blocks of A[i] (tmm 4 + i) times B[j] (tmm 6 + j),
 // for i < NA, j < NB. Tile i of an operand starts at p + i * next and moves by step uint16s a
@@ -217,44 +170,62 @@ static void accumulate(const Operand& A, const Operand& B, int nb) {
     }
 }
 
-// Weight rows [n, n + 8 * NG) of the groups from Wg on (gstride uint16s apart) against token tiles
-// tt and tt + 1: C[i][j] is group i, token tile j.
+// C[i][j] (16 tokens x 16 weight rows) into Y, for the tokens below M and rows below n1.
+template <class Tiles, int C>
+static void store_rows(float* Y, int ldy, int M, int m, int n, int n1, const float* bias) {
+    alignas(64) float c[16][16];
+    Tiles::template store<C>(c, 64);
+    const int nr = imin(kQRows, n1 - n);
+    for (int t = 0; t < 16 && m + t < M; t++)
+        for (int r = 0; r < nr; r++) Y[size_t(m + t) * ldy + n + r] = c[t][r] + (bias ? bias[n + r] : 0.f);
+}
+
+// Tokens [m, m + 32) against NG B tiles of 16 weight rows (tile j at weights.p + j * weights.next):
+// C[i][j] is token tile i, rows n + 16j.
 template <class Tiles, int NG>
-static void tile_pass(const uint16_t* Wg, size_t gstride, const uint16_t* xt, int nb, int tt, float* Y, int ldy, int M,
+static void tile_pass(const uint16_t* xb, size_t Kp, const Operand& weights, int nb, int m, float* Y, int ldy, int M,
                       int n, int n1, const float* bias) {
-    const Operand weights{Wg, gstride, size_t(kBf16Rows) * kQBlock, 64};
-    const Operand tokens{xt + size_t(tt) * nb * 512, size_t(nb) * 512, 512, 64};
-    accumulate<Tiles, NG, 2>(weights, tokens, nb);
-    const int m = tt * kTileTokens;
-    store_c<Tiles, 0>(Y, ldy, M, m, n, n1, bias);
-    store_c<Tiles, 1>(Y, ldy, M, m + kTileTokens, n, n1, bias);
+    const Operand tokens{xb + size_t(m) * Kp, size_t(kTileTokens) * Kp, kQBlock, Kp * 2};
+    accumulate<Tiles, 2, NG>(tokens, weights, nb);
+    store_rows<Tiles, 0>(Y, ldy, M, m, n, n1, bias);
+    store_rows<Tiles, 2>(Y, ldy, M, m + kTileTokens, n, n1, bias);
     if (NG == 2) {
-        store_c<Tiles, 2>(Y, ldy, M, m, n + kBf16Rows, n1, bias);
-        store_c<Tiles, 3>(Y, ldy, M, m + kTileTokens, n + kBf16Rows, n1, bias);
+        store_rows<Tiles, 1>(Y, ldy, M, m, n + kQRows, n1, bias);
+        store_rows<Tiles, 3>(Y, ldy, M, m + kTileTokens, n + kQRows, n1, bias);
     }
 }
 
+static TileConfig all_16x64() {
+    TileConfig cfg;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    return cfg;
+}
+
+// bf16 W: n0 a multiple of 16 (kernels.h). Two B tiles of 16 rows a pass: the two halves of a
+// group, or (from a half-way start) the second half of one and the first of the next.
 template <class Tiles>
 static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                               int ldy, int n0, int n1) {
     const int nb = q_blocks(K);
-    const uint16_t* xt = tokens_to_tiles(X, ldx, M, K);
-    TileConfig cfg;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = t < 6 ? 8 : 16;  // C and A: 8 rows; B: 16 rows of pairs
-    }
-    Tiles::configure(cfg);
-    const size_t gstride = size_t(nb) * kBf16Rows * kQBlock;  // uint16s from one row group to the next
+    size_t Kp;  // = nb * 32
+    const int rows = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2 * kTileTokens;  // whole token tile pairs
+    const uint16_t* xb = avx512::rows_to_bf16(X, ldx, M, K, rows, Kp);
+    Tiles::configure(all_16x64());
     for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
         const int m1 = imin(M, m0 + kTokenBlock);
-        for (int n = n0; n < n1; n += 2 * kBf16Rows) {
-            const uint16_t* Wg = bf16_row(W, K, n);
-            for (int tt = m0 / kTileTokens; tt * kTileTokens < m1; tt += 2) {
-                if (n1 - n > kBf16Rows)
-                    tile_pass<Tiles, 2>(Wg, gstride, xt, nb, tt, Y, ldy, m1, n, n1, bias);
+        for (int n = n0; n < n1; n += 2 * kQRows) {
+            const int r0 = n % kBf16Rows;
+            const uint16_t* b = reinterpret_cast<const uint16_t*>(bf16_group(W, K, n)) + 2 * r0;
+            const size_t next = r0 == 0 ? 2 * kQRows : bf16_group_values(K) - 2 * kQRows;
+            const Operand weights{b, next, size_t(kQBlock) * kBf16Rows, kBf16Rows * 4};
+            for (int m = m0; m < m1; m += 2 * kTileTokens) {
+                if (n1 - n > kQRows)
+                    tile_pass<Tiles, 2>(xb, Kp, weights, nb, m, Y, ldy, m1, n, n1, bias);
                 else
-                    tile_pass<Tiles, 1>(Wg, gstride, xt, nb, tt, Y, ldy, m1, n, n1, bias);
+                    tile_pass<Tiles, 1>(xb, Kp, weights, nb, m, Y, ldy, m1, n, n1, bias);
             }
         }
     }
@@ -273,13 +244,10 @@ static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint1
 // rounded to bf16 (8 significant bits, where the integer kernels' int8 blocks keep 7 of the block's
 // largest value), as the bf16 prefill rounds them.
 //
-// Here the weights are the B operand and the tokens the A one: C is then [16 tokens][16 weight
-// rows], Y's own orientation. A q8 block holds, for each 4 columns, 16 rows x 4 levels in 64 bytes
-// (quant.h): the two B rows of column pairs (0, 1) and (2, 3) of that quad, once split. A q4 block
-// holds two such quads per 64 bytes, in the low and high nibbles.
-//
-// The tiles (accumulate): A[i] is 16 tokens x 32 columns, rows of the bf16 token matrix; B[j] a row
-// group's 32 columns in pairs.
+// A q8 block holds, for each 4 columns, 16 rows x 4 levels in 64 bytes (quant.h): the two B rows of
+// column pairs (0, 1) and (2, 3) of that quad, once split. A q4 block holds two such quads per 64
+// bytes, in the low and high nibbles. A row group's blocks dequantized are B tiles of 16 rows, 512
+// uint16s a block.
 
 // 16 rows x 4 columns of levels (64 bytes, row by row) to the two B rows of column pairs (0, 1)
 // and (2, 3): bf16 of scale[row] * (level - zero point). sc[q] and zsc[q] hold, in lane l, the
@@ -327,32 +295,6 @@ static void group_to_tiles(const uint8_t* group, int nb, uint16_t* out) {
     }
 }
 
-// C[i][j] (16 tokens x 16 weight rows) into Y, for the tokens below M and rows below n1.
-template <class Tiles, int C>
-static void store_rows(float* Y, int ldy, int M, int m, int n, int n1, const float* bias) {
-    alignas(64) float c[16][16];
-    Tiles::template store<C>(c, 64);
-    const int nr = imin(kQRows, n1 - n);
-    for (int t = 0; t < 16 && m + t < M; t++)
-        for (int r = 0; r < nr; r++) Y[size_t(m + t) * ldy + n + r] = c[t][r] + (bias ? bias[n + r] : 0.f);
-}
-
-// Tokens [m, m + 32) against NG row groups (B tiles at wt, wstride uint16s apart): C[i][j] is
-// token tile i, row group j.
-template <class Tiles, int NG>
-static void q_tile_pass(const uint16_t* xb, size_t Kp, const uint16_t* wt, size_t wstride, int nb, int m, float* Y,
-                        int ldy, int M, int n, int n1, const float* bias) {
-    const Operand tokens{xb + size_t(m) * Kp, size_t(kTileTokens) * Kp, kQBlock, Kp * 2};
-    const Operand weights{wt, wstride, 512, 64};
-    accumulate<Tiles, 2, NG>(tokens, weights, nb);
-    store_rows<Tiles, 0>(Y, ldy, M, m, n, n1, bias);
-    store_rows<Tiles, 2>(Y, ldy, M, m + kTileTokens, n, n1, bias);
-    if (NG == 2) {
-        store_rows<Tiles, 1>(Y, ldy, M, m, n + kQRows, n1, bias);
-        store_rows<Tiles, 3>(Y, ldy, M, m + kTileTokens, n + kQRows, n1, bias);
-    }
-}
-
 // n0 starts a row group, as for the VNNI kernels. A pair of row groups is dequantized once per
 // block of tokens and meets all of them.
 template <class Tiles, bool Q4>
@@ -366,12 +308,8 @@ static void matmul_q_tiles(const float* X, int ldx, int M, int K, const uint8_t*
     const int rows = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2 * kTileTokens;  // whole token tile pairs
     const uint16_t* xb = avx512::rows_to_bf16(X, ldx, M, K, rows, Kp);
     uint16_t* wt = wscratch.get(2 * wstride);
-    TileConfig cfg;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    Tiles::configure(cfg);
+    Tiles::configure(all_16x64());
+    const Operand weights{wt, wstride, 512, 64};
     for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
         const int m1 = imin(M, m0 + kTokenBlock);
         for (int n = n0; n < n1; n += 2 * kQRows) {
@@ -380,9 +318,9 @@ static void matmul_q_tiles(const float* X, int ldx, int M, int K, const uint8_t*
                 group_to_tiles<Q4>(W + size_t(n / kQRows + j) * group_bytes, nb, wt + size_t(j) * wstride);
             for (int m = m0; m < m1; m += 2 * kTileTokens) {
                 if (ng == 2)
-                    q_tile_pass<Tiles, 2>(xb, Kp, wt, wstride, nb, m, Y, ldy, m1, n, n1, bias);
+                    tile_pass<Tiles, 2>(xb, Kp, weights, nb, m, Y, ldy, m1, n, n1, bias);
                 else
-                    q_tile_pass<Tiles, 1>(xb, Kp, wt, wstride, nb, m, Y, ldy, m1, n, n1, bias);
+                    tile_pass<Tiles, 1>(xb, Kp, weights, nb, m, Y, ldy, m1, n, n1, bias);
             }
         }
     }

@@ -27,17 +27,7 @@ static inline float hsum(__m256 v) {
 }
 
 static inline __m256 load_w(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load_w(const uint16_t* p) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
 static inline float load_w1(const float* p) { return *p; }
-static inline float load_w1(const uint16_t* p) {
-    uint32_t u = uint32_t(*p) << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-}
 
 // exp(x), within 2 ulp of expf on [-87, 88]; 2^n is built in the exponent bits.
 static inline __m256 exp256(__m256 x) {
@@ -91,48 +81,77 @@ static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float
         }
 }
 
-// Decode (one token) with bf16 weights: one 32-byte load holds 16 weights. A bf16 is the top half
-// of an f32, so the odd weights become floats by masking off the low halves and the even ones by a
-// 16-bit shift; x is split into its even and odd elements once for all NR rows. That is one load,
-// two integer ops and two FMAs per 16 weights, instead of two widening loads and two shifts. A tile
-// is a packed group of rows (quant.h), read as one stream (as the AVX-512 tile; not measured on an
-// AVX2-only machine).
-template <int NR>
-static void bf16_decode_tile(const float* x, int K, const uint16_t* W, const float* bias, float* Y) {
-    __m256 acc[NR];
-    for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_ps();
-    const __m256i top = _mm256_set1_epi32(int(0xffff0000u));
-    int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        const __m256 a = _mm256_loadu_ps(x + k), b = _mm256_loadu_ps(x + k + 8);
-        // [a0 a2 b0 b2 | a4 a6 b4 b6] -> [a0 a2 a4 a6 b0 b2 b4 b6], the same for the odd elements
-        const __m256 xe = _mm256_castpd_ps(
-            _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), 0xd8));
-        const __m256 xo = _mm256_castpd_ps(
-            _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), 0xd8));
-        for (int j = 0; j < NR; j++) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bf16_at(W, j, k)));
-            acc[j] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v, top)),
-                                     _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), acc[j]));
-        }
-    }
-    for (int j = 0; j < NR; j++) {
-        float s = hsum(acc[j]);
-        for (int kk = k; kk < K; kk++) s += x[kk] * load_w1(bf16_at(W, j, kk));
-        Y[j] = s + (bias ? bias[j] : 0.f);
-    }
-}
-
 static void decode_rows(const float* x, int K, const float* W, const float* bias, float* Y, int n0, int n1) {
     int n = n0;
     for (; n + 4 <= n1; n += 4) matmul_tile<1, 4, float>(x, K, K, W + size_t(n) * K, bias ? bias + n : nullptr, Y + n, 0);
     for (; n < n1; n++) matmul_tile<1, 1, float>(x, K, K, W + size_t(n) * K, bias ? bias + n : nullptr, Y + n, 0);
 }
-static void decode_rows(const float* x, int K, const uint16_t* W, const float* bias, float* Y, int n0, int n1) {
-    int n = n0;
-    for (; n + kBf16Rows <= n1 && n % kBf16Rows == 0; n += kBf16Rows)
-        bf16_decode_tile<kBf16Rows>(x, K, bf16_row(W, K, n), bias ? bias + n : nullptr, Y + n);
-    for (; n < n1; n++) bf16_decode_tile<1>(x, K, bf16_row(W, K, n), bias ? bias + n : nullptr, Y + n);
+
+// bf16 weights (packed, quant.h): a lane is a weight row, as in the AVX-512 panels. A 32-byte load
+// is one column pair of 8 rows; a bf16 is the top half of an f32, so the odd column becomes floats
+// by masking off the low halves and the even one by a 16-bit shift, and each token's two columns
+// are broadcast into two FMAs. V vectors (8V rows from row r0 of the group g) x MT tokens, with no
+// horizontal sums; decode takes a whole group (V = 4), a prompt 16 rows x 4 tokens (the registers:
+// 8 sums, 4 weight vectors, 2 broadcasts). Columns past K are zero in W but not there in X: the
+// last pair of an odd K takes 0 for its odd column.
+template <int MT, int V>
+static void bf16_lanes_tile(const float* X, int ldx, int mt, int K, const uint32_t* g, int r0, const float* bias,
+                            float* Y, int ldy, int rows) {
+    __m256 acc[MT][V];
+    for (int t = 0; t < MT; t++)
+        for (int v = 0; v < V; v++) acc[t][v] = _mm256_setzero_ps();
+    const __m256i top = _mm256_set1_epi32(int(0xffff0000u));
+    const int pairs = (K + 1) / 2;
+    for (int p = 0; p < pairs; p++) {
+        if (MT == 1)  // decode streams the group from memory
+            prefetch_step<kBf16Rows * 4>(reinterpret_cast<const char*>(g + size_t(kPrefetchBytes) / 4), p);
+        __m256 we[V], wo[V];
+        for (int v = 0; v < V; v++) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + size_t(p) * kBf16Rows + r0 + 8 * v));
+            we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            wo[v] = _mm256_castsi256_ps(_mm256_and_si256(w, top));
+        }
+        const bool odd = 2 * p + 1 < K;
+        for (int t = 0; t < MT && t < mt; t++) {
+            const float* x = X + size_t(t) * ldx + 2 * p;
+            const __m256 xe = _mm256_broadcast_ss(x), xo = odd ? _mm256_broadcast_ss(x + 1) : _mm256_setzero_ps();
+            for (int v = 0; v < V; v++) acc[t][v] = _mm256_fmadd_ps(xo, wo[v], _mm256_fmadd_ps(xe, we[v], acc[t][v]));
+        }
+    }
+    alignas(32) float out[8 * V];
+    for (int t = 0; t < MT && t < mt; t++) {
+        for (int v = 0; v < V; v++) _mm256_store_ps(out + 8 * v, acc[t][v]);
+        for (int r = 0; r < rows; r++) Y[size_t(t) * ldy + r] = out[r] + (bias ? bias[r] : 0.f);
+    }
+}
+
+// n0 a multiple of 16 (kernels.h): a tile starts on a group or half a group. A prompt goes in blocks
+// of 64 tokens (in L2), each meeting every 16 rows of [n0, n1) (in L1) 4 tokens at a time.
+static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
+                        int ldy, int n0, int n1) {
+    auto B = [&](int n) { return bias ? bias + n : nullptr; };
+    if (M == 1) {
+        for (int n = n0, rows; n < n1; n += rows) {
+            const uint32_t* g = bf16_group(W, K, n);
+            const int r0 = n % kBf16Rows;
+            rows = imin(r0 == 0 ? kBf16Rows : 16, n1 - n);
+            if (rows > 16)  // a whole group in one pass: one stream
+                bf16_lanes_tile<1, 4>(X, ldx, 1, K, g, 0, B(n), Y + n, ldy, rows);
+            else
+                bf16_lanes_tile<1, 2>(X, ldx, 1, K, g, r0, B(n), Y + n, ldy, rows);
+        }
+        return;
+    }
+    constexpr int kTokenBlock = 64;
+    for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
+        const int m1 = imin(M, m0 + kTokenBlock);
+        for (int n = n0; n < n1; n += 16) {
+            const uint32_t* g = bf16_group(W, K, n);
+            for (int m = m0; m < m1; m += 4)
+                bf16_lanes_tile<4, 2>(X + size_t(m) * ldx, ldx, imin(4, m1 - m), K, g, n % kBf16Rows, B(n),
+                                      Y + size_t(m) * ldy + n, ldy, imin(16, n1 - n));
+        }
+    }
 }
 
 template <class WT>
@@ -166,9 +185,7 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
     for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
         const int m1 = imin(M, m0 + kTokenBlock);
         for (int n = n0, nr; n < n1; n += nr) {
-            // a bf16 tile stays in its packed group of rows: 3 + 3 + 2
             nr = imin(3, n1 - n);
-            if (sizeof(WT) == 2) nr = imin(nr, kBf16Rows - n % kBf16Rows);
             for (int m = m0; m < m1; m += 4) {
                 const int mr = imin(4, m1 - m);
                 tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, w_row(W, K, n), B(n), Y + size_t(m) * ldy + n,
@@ -181,10 +198,6 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
 static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
                        int n0, int n1) {
     matmul<float>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-}
-static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
-                        int ldy, int n0, int n1) {
-    matmul<uint16_t>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ template <class WT>
 static void matmul(const float* X, int ldx, int M, int K, const WT* W, const float* bias, float* Y, int ldy, int n0,
                    int n1) {
     auto B = [&](int n) { return bias ? bias + n : nullptr; };
-    if (M == 1) {  // decode: one token, four weight rows at a time (memory-bound; see bf16_rows)
+    if (M == 1) {  // decode: one token, four weight rows at a time (memory-bound)
         int n = n0;
         for (; n < n1; n += 4) {
             const int nr = imin(4, n1 - n);
@@ -140,88 +140,81 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
     }
 }
 
-// bf16 weights, decode: a 64-byte load holds 32 bf16 values, two per 32-bit lane. Shifting the
-// lanes left by 16 gives the even-indexed values as f32, masking off the low halves gives the odd
-// ones, so one load feeds two FMAs with no widening shuffle -- once the activation is split the same
-// way: each block of 32 becomes its 16 even-indexed then its 16 odd-indexed values (zero-padded past
-// K), once per call into a per-thread buffer. A tile is a packed group of 8 rows (quant.h), read as
-// one stream with no software prefetch. On 2 Zen 4 cores, a 0.5B decode step's bf16 layer matrices
-// from 2 MiB pages while the host's bandwidth was high (a plain read: 57 GB/s): row-major tiles of
-// four rows, asking for the tile two on, 45 GB/s (eight rows 32, sixteen 21, none 28); packed
-// groups of 4 rows 55, of 8 rows 56.5 (asking ahead, 44). While it was low, 33 against 35.
-
-static float* split_even_odd(const float* x, int K) {
-    static thread_local ThreadScratch<float> scratch;
-    const size_t Kp = size_t(K + 31) / 32 * 32;
-    float* buf = scratch.get(Kp);  // grows to the widest input once; later calls (the decode loop) reuse it
-    for (size_t b = 0; b < Kp; b += 32)
-        for (size_t l = 0; l < 16; l++) {
-            buf[b + l] = b + 2 * l < size_t(K) ? x[b + 2 * l] : 0.f;
-            buf[b + 16 + l] = b + 2 * l + 1 < size_t(K) ? x[b + 2 * l + 1] : 0.f;
-        }
-    return buf;
-}
-
-template <int NR>
-static void bf16_rows(const float* xs, int K, const uint16_t* W, const float* bias, float* y) {
+// bf16 weights, decode: the packed groups (quant.h) put 32 rows' column pair in two 64-byte
+// vectors, a row a 32-bit lane. Shifting the lanes left by 16 gives the even column as f32, masking
+// off the low halves the odd one, and each feeds an FMA with that column of x broadcast: 32 sums at
+// once with no horizontal reduction, the group read as one stream with no software prefetch (on 2
+// Zen 4 cores, asking ahead had cost a fifth of the bandwidth to the 8-row groups before). x stays
+// f32: decode is memory-bound, so the tokens' bf16 rounding of the prefill would save nothing.
+// Rows [r0, r0 + 16V) of group g.
+template <int V>
+static void bf16_decode_group(const float* x, int K, const uint32_t* g, int r0, const float* bias, float* y,
+                              int rows) {
     const __m512i odd_mask = _mm512_set1_epi32(int(0xffff0000u));
-    __m512 acc[NR];
-    for (int j = 0; j < NR; j++) acc[j] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 32) {  // packed: a block's rows are zero-padded to 32 values, as xs is
-        const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
-        for (int j = 0; j < NR; j++) {
-            const __m512i w = _mm512_loadu_si512(bf16_at(W, j, k));
-            const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-            const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask));
-            acc[j] = _mm512_fmadd_ps(xo, wo, _mm512_fmadd_ps(xe, we, acc[j]));
+    __m512 even[V], odd[V];
+    for (int v = 0; v < V; v++) even[v] = odd[v] = _mm512_setzero_ps();
+    const int pairs = K / 2;
+    for (int p = 0; p < pairs; p++) {
+        const __m512 xe = _mm512_set1_ps(x[2 * p]), xo = _mm512_set1_ps(x[2 * p + 1]);
+        for (int v = 0; v < V; v++) {
+            const __m512i w = _mm512_loadu_si512(g + size_t(p) * kBf16Rows + r0 + 16 * v);
+            even[v] = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), even[v]);
+            odd[v] = _mm512_fmadd_ps(xo, _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask)), odd[v]);
         }
     }
-    for (int j = 0; j < NR; j++) y[j] = _mm512_reduce_add_ps(acc[j]) + (bias ? bias[j] : 0.f);
+    if (K % 2) {  // the last column alone: the one past it is not in x
+        const __m512 xe = _mm512_set1_ps(x[K - 1]);
+        for (int v = 0; v < V; v++) {
+            const __m512i w = _mm512_loadu_si512(g + size_t(pairs) * kBf16Rows + r0 + 16 * v);
+            even[v] = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), even[v]);
+        }
+    }
+    for (int v = 0; v < V && 16 * v < rows; v++) {
+        const __mmask16 m = rows - 16 * v >= 16 ? __mmask16(0xffff) : tail_mask(rows - 16 * v);
+        const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * v) : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(y + 16 * v, m, _mm512_add_ps(_mm512_add_ps(even[v], odd[v]), bv));
+    }
 }
 
 // bf16 weights, prefill: compute-bound, so the tokens are rounded to bf16 once and each
 // `vdpbf16ps` does 32 multiply-adds (an f32 FMA 16). The products of bf16 values are exact and
 // summed in f32, so the one rounding is the tokens' (8 significant bits, as llama.cpp's BF16 and
-// PyTorch's bfloat16 round them). Decode (M = 1) keeps f32 tokens: it is memory-bound either way.
+// PyTorch's bfloat16 round them).
 //
-// A prompt (kPanelMinTokens tokens or more) runs on panels, as a BLAS packs its operands (the
-// same for f32 weights, below, with one f32 column where bf16 has a pair): each 32-row weight panel
-// and each token panel of up to 12 tokens is rearranged into column pairs, [pair][row] and
-// [pair][token], so that a pair step of the register tile loads 2 weight vectors (32 rows) and
-// broadcasts each of 12 tokens' pairs into `vdpbf16ps`: 24 accumulators, one f32 sum per (row,
-// token), with no horizontal reduction. Fewer tokens run on 4 x 4 tiles of the packed rows as they
-// lie, reduced at the end of K, which costs a tenth of the work at K = 896 but skips the weight
-// panels' transposes (a sixth of the products' time at 16 tokens). Qwen2.5-0.5B's matrices at 512
-// tokens, one Zen 4 core (a C++ loop over the model's four matrix shapes): bf16 165 GFLOP/s on the
-// tiles, 200 on the panels, of `vdpbf16ps`'s 230 measured peak; f32 80 on the tiles, 100 on the
-// panels, of the FMA's 110. The tiles win below 32-48 tokens.
+// The tokens go in panels of up to 12, rearranged into column pairs, [pair][token]; a group of the
+// packed weights already is a panel of 32 rows, [pair][row]. A pair step of the register tile loads
+// 2 weight vectors (32 rows) and broadcasts each of 12 tokens' pairs into `vdpbf16ps`: 24
+// accumulators, one f32 sum per (row, token), with no horizontal reduction, as a BLAS multiplies
+// packed operands. f32 weights (below) run the same tile with one f32 column where bf16 has a pair
+// and an FMA, but they are held row-major, so their 32-row panels are rearranged per call (16x16
+// transposes). Qwen2.5-0.5B's matrices, one Zen 4 core (benchmarks/matmul_kernels.cpp), of
+// `vdpbf16ps`'s 234 GFLOP/s peak: bf16 at 256 tokens 209 on the held groups, 207 when 8-row groups
+// were rearranged into panels per call; at 16 tokens 203, where those 8-row groups ran 4 x 4 tiles
+// of rows at 135. f32 at 512 tokens 100-104 of the FMA's 117.
 
 constexpr int kPanelTokens = 12;
 constexpr int kPanelVecs = 2;  // 16 rows each
 constexpr int kPanelRows = 16 * kPanelVecs;
-constexpr int kPanelMinTokens = 32;
+static_assert(kPanelRows == kBf16Rows, "a packed bf16 group is one weight panel");
+// Below this many tokens the f32 weights' per-call panels cost more than they save (a sixth of the
+// products' time at 16 tokens): those prompts run on 4 x 4 tiles of rows (matmul).
+constexpr int kF32PanelMinTokens = 32;
 
 // What a panel holds, as 32-bit units: a pair of columns as bf16 (bf16 weights, `vdpbf16ps`), or
 // one f32 column (f32 weights, FMA). The kernels below are the same for both.
 struct Bf16Pairs {
     using Weight = uint16_t;
     static int units(int K) { return q_blocks(K) * 16; }  // whole packed blocks of 32 columns
-    // 16 units from unit u: of token row x, rounded to bf16; of packed row n
+    // 16 units from unit u of token row x, rounded to bf16
     static __m512i token16(const float* x, int u, int K) {
         const int k = 2 * u;
         const __mmask16 lo = k + 16 <= K ? __mmask16(0xffff) : k < K ? tail_mask(K - k) : 0;
         const __mmask16 hi = k + 32 <= K ? __mmask16(0xffff) : k + 16 < K ? tail_mask(K - k - 16) : 0;
         return __m512i(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + k + 16), _mm512_maskz_loadu_ps(lo, x + k)));
     }
-    static __m512i row16(const uint16_t* W, int K, int n, int u) {
-        return _mm512_loadu_si512(bf16_at(bf16_row(W, K, n), 0, 2 * u));
-    }
     static __m512 madd(__m512 acc, uint32_t x, __m512i w) {
         return _mm512_dpbf16_ps(acc, __m512bh(_mm512_set1_epi32(int(x))), __m512bh(w));
     }
-    // the bytes of rows [n, n + rows) (n a multiple of 8): whole 8-row groups
-    static const char* rows_at(const uint16_t* W, int K, int n) { return reinterpret_cast<const char*>(bf16_row(W, K, n)); }
-    static size_t rows_bytes(int rows, int K) { return size_t(rows + kBf16Rows - 1) / kBf16Rows * q_blocks(K) * 512; }
 };
 struct F32Columns {
     using Weight = float;
@@ -229,14 +222,11 @@ struct F32Columns {
     static __m512i token16(const float* x, int u, int K) {
         return _mm512_castps_si512(_mm512_maskz_loadu_ps(u + 16 <= K ? __mmask16(0xffff) : tail_mask(K - u), x + u));
     }
-    static __m512i row16(const float* W, int K, int n, int u) { return token16(W + size_t(n) * K, u, K); }
     static __m512 madd(__m512 acc, uint32_t x, __m512i w) {
         float xf;
         __builtin_memcpy(&xf, &x, 4);
         return _mm512_fmadd_ps(_mm512_set1_ps(xf), _mm512_castsi512_ps(w), acc);
     }
-    static const char* rows_at(const float* W, int K, int n) { return reinterpret_cast<const char*>(W + size_t(n) * K); }
-    static size_t rows_bytes(int rows, int K) { return size_t(rows) * K * 4; }
 };
 
 // X rows as bf16 (kernels.h), each zero-padded to whole blocks of 32 as the packed rows are.
@@ -253,77 +243,6 @@ const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, si
     return buf;
 }
 
-// The sums of 16 vectors' lanes, as one vector: out[i] = sum of a[i]'s 16 lanes. Pairs are
-// interleaved and added, then halves of 64 bits, then of 128 and 256: 45 instructions, where
-// reducing the 16 one at a time takes about 8 each.
-static inline __m512 reduce16(const __m512* a) {
-    __m512 b[8], c[4], d[2];
-    for (int i = 0; i < 8; i++)  // lane quads: a[2i] in elements 0, 2; a[2i+1] in 1, 3
-        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {  // each quad: a[4i .. 4i+3]
-        const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    for (int i = 0; i < 2; i++)  // quads 0, 1: a[8i .. 8i+3] (halves of the lanes), quads 2, 3: a[8i+4 ..]
-        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
-}
-
-template <int MR, int NR>
-static void bf16_dot_tile(const uint16_t* xb, size_t ldxb, int K, const uint16_t* W, const float* bias, float* Y,
-                          int ldy) {
-    __m512 acc[16];
-    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 32) {
-        __m512bh w[NR];
-        for (int j = 0; j < NR; j++) w[j] = __m512bh(_mm512_loadu_si512(bf16_at(W, j, k)));
-        for (int i = 0; i < MR; i++) {
-            const __m512bh x = __m512bh(_mm512_loadu_si512(xb + size_t(i) * ldxb + k));
-            for (int j = 0; j < NR; j++) acc[i * 4 + j] = _mm512_dpbf16_ps(acc[i * 4 + j], x, w[j]);
-        }
-    }
-    alignas(64) float sum[16];
-    _mm512_store_ps(sum, reduce16(acc));
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) Y[size_t(i) * ldy + j] = sum[i * 4 + j] + (bias ? bias[j] : 0.f);
-}
-
-using DotTileFn = void (*)(const uint16_t*, size_t, int, const uint16_t*, const float*, float*, int);
-template <int MR>
-static DotTileFn dot_tile_for_nr(int nr) {
-    switch (nr) {
-        case 1: return bf16_dot_tile<MR, 1>;
-        case 2: return bf16_dot_tile<MR, 2>;
-        case 3: return bf16_dot_tile<MR, 3>;
-        default: return bf16_dot_tile<MR, 4>;
-    }
-}
-static DotTileFn dot_tile_for(int mr, int nr) {
-    switch (mr) {
-        case 1: return dot_tile_for_nr<1>(nr);
-        case 2: return dot_tile_for_nr<2>(nr);
-        case 3: return dot_tile_for_nr<3>(nr);
-        default: return dot_tile_for_nr<4>(nr);
-    }
-}
-
-static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
-                            int ldy, int n0, int n1) {
-    size_t ldxb;
-    const uint16_t* xb = rows_to_bf16(X, ldx, M, K, M, ldxb);
-    // as matmul's prefill: a block of up to 64 tokens meets every weight row of [n0, n1)
-    constexpr int kTokenBlock = 64;
-    for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
-        const int m1 = imin(M, m0 + kTokenBlock);
-        for (int n = n0; n < n1; n += 4) {
-            const int nr = imin(4, n1 - n);
-            for (int m = m0; m < m1; m += 4)
-                dot_tile_for(imin(4, m1 - m), nr)(xb + size_t(m) * ldxb, ldxb, K, bf16_row(W, K, n),
-                                                  bias ? bias + n : nullptr, Y + size_t(m) * ldy + n, ldy);
-        }
-    }
-}
-
 // The first mt rows of X (mt <= kPanelTokens) as a token panel: out[u * mt + t] = token t's unit u,
 // for U::units(K) units (zero past K).
 template <class U>
@@ -337,53 +256,60 @@ static void tokens_to_panel(const float* X, int ldx, int mt, int K, uint32_t* ou
     }
 }
 
-// Rows n .. n + kPanelRows of W (rows from n_end on zero) as a weight panel:
-// out[(u * kPanelVecs + v) * 16 + r] = row n + 16v + r's unit u.
-template <class U>
-static void rows_to_panel(const typename U::Weight* W, int K, int n, int n_end, uint32_t* out) {
+// Rows n .. n + kPanelRows of a row-major f32 W (rows from n_end on zero) as a weight panel, the
+// layout of a packed bf16 group: out[(u * kPanelVecs + v) * 16 + r] = row n + 16v + r's column u.
+static void f32_rows_to_panel(const float* W, int K, int n, int n_end, uint32_t* out) {
     for (int vec = 0; vec < kPanelVecs; vec++) {
         const int r0 = n + 16 * vec;
-        for (int u0 = 0; u0 < U::units(K); u0 += 16) {
+        for (int u0 = 0; u0 < F32Columns::units(K); u0 += 16) {
             __m512i v[16];
-            for (int r = 0; r < 16; r++) v[r] = r0 + r < n_end ? U::row16(W, K, r0 + r, u0) : _mm512_setzero_si512();
-            transpose16(v);  // v[u] lane r: row r's unit u0 + u
+            for (int r = 0; r < 16; r++)
+                v[r] = r0 + r < n_end ? F32Columns::token16(W + size_t(r0 + r) * K, u0, K) : _mm512_setzero_si512();
+            transpose16(v);  // v[u] lane r: row r's column u0 + u
             for (int u = 0; u < 16; u++) _mm512_store_si512(out + (size_t(u0 + u) * kPanelVecs + vec) * 16, v[u]);
         }
     }
 }
 
-// Y[t][j] = bias[j] + sum over the P units of the weight panel times the token panel (MT tokens),
-// for the first `rows` rows of the panel.
+// Y[t][j - r0] = bias[j - r0] + sum over the P units of the weight panel times the token panel (MT
+// tokens), for the panel's rows r0 <= j < r0 + rows (r0 0 or 16: a thread's share may start half
+// way into a group; the other half's sums are made and dropped).
 template <class U, int MT>
-static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, float* Y, int ldy, int rows) {
+static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, float* Y, int ldy, int r0,
+                       int rows) {
     __m512 acc[MT][kPanelVecs];
     for (int t = 0; t < MT; t++)
         for (int v = 0; v < kPanelVecs; v++) acc[t][v] = _mm512_setzero_ps();
     for (int p = 0; p < P; p++) {
         __m512i w[kPanelVecs];
-        for (int v = 0; v < kPanelVecs; v++) w[v] = _mm512_load_si512(wp + (size_t(p) * kPanelVecs + v) * 16);
+        for (int v = 0; v < kPanelVecs; v++) w[v] = _mm512_loadu_si512(wp + (size_t(p) * kPanelVecs + v) * 16);
         for (int t = 0; t < MT; t++)
             for (int v = 0; v < kPanelVecs; v++) acc[t][v] = U::madd(acc[t][v], xp[size_t(p) * MT + t], w[v]);
     }
-    for (int v = 0; v < kPanelVecs; v++) {
-        const int left = rows - 16 * v;
+    for (int v = r0 / 16; v < kPanelVecs; v++) {
+        const int at = 16 * v - r0, left = rows - at;  // this vector's first row, from Y's row r0
         if (left <= 0) break;
         const __mmask16 m = left >= 16 ? __mmask16(0xffff) : tail_mask(left);
-        const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * v) : _mm512_setzero_ps();
-        for (int t = 0; t < MT; t++) _mm512_mask_storeu_ps(Y + size_t(t) * ldy + 16 * v, m, _mm512_add_ps(acc[t][v], bv));
+        const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + at) : _mm512_setzero_ps();
+        for (int t = 0; t < MT; t++) _mm512_mask_storeu_ps(Y + size_t(t) * ldy + at, m, _mm512_add_ps(acc[t][v], bv));
     }
 }
 
-using PanelTileFn = void (*)(const uint32_t*, const uint32_t*, int, const float*, float*, int, int);
+using PanelTileFn = void (*)(const uint32_t*, const uint32_t*, int, const float*, float*, int, int, int);
 template <class U, int... MT>
 static PanelTileFn panel_tile_for(int mt, std::integer_sequence<int, MT...>) {
     static const PanelTileFn fns[] = {panel_tile<U, MT + 1>...};
     return fns[mt - 1];
 }
 
+// Y[:, n0:n1] for M tokens on panels. bf16: n0 a multiple of 16, the panels the packed groups
+// themselves; f32: each 32-row panel rearranged here, the next one's rows asked for into L2 a share
+// per token panel, so that rearranging them does not wait on memory (bf16 groups are streamed the
+// same way, the next group asked for while this one is multiplied).
 template <class U>
 static void matmul_panels(const float* X, int ldx, int M, int K, const typename U::Weight* W, const float* bias,
                           float* Y, int ldy, int n0, int n1) {
+    constexpr bool kBf16 = std::is_same_v<U, Bf16Pairs>;
     static thread_local ThreadScratch<uint32_t> token_panels, weight_panel;
     const int P = U::units(K);
     const int panels = (M + kPanelTokens - 1) / kPanelTokens;
@@ -392,41 +318,54 @@ static void matmul_panels(const float* X, int ldx, int M, int K, const typename 
         const int mt = imin(kPanelTokens, M - i * kPanelTokens);
         tokens_to_panel<U>(X + size_t(i) * kPanelTokens * ldx, ldx, mt, K, xp + size_t(i) * kPanelTokens * P);
     }
-    uint32_t* wp = weight_panel.get(size_t(P) * kPanelRows);
-    for (int n = n0; n < n1; n += kPanelRows) {
-        rows_to_panel<U>(W, K, n, n1, wp);
-        const int rows = imin(kPanelRows, n1 - n);
-        // The next panel's rows (one contiguous run) are asked for into L2 a share per token panel,
-        // so that packing them does not wait on memory.
-        const bool last = n + kPanelRows >= n1;
-        const char* next = last ? nullptr : U::rows_at(W, K, n + kPanelRows);
-        const size_t next_bytes = last ? 0 : U::rows_bytes(imin(kPanelRows, n1 - n - kPanelRows), K);
+    uint32_t* const f32_panel = kBf16 ? nullptr : weight_panel.get(size_t(P) * kPanelRows);
+    const uint32_t* wp = f32_panel;
+    const size_t panel_bytes = size_t(P) * kPanelRows * 4;
+    for (int n = n0, rows; n < n1; n += rows) {
+        const int r0 = kBf16 ? n % kPanelRows : 0;
+        rows = imin(kPanelRows - r0, n1 - n);
+        const char* next = nullptr;
+        size_t next_bytes = 0;
+        if constexpr (kBf16) {
+            wp = bf16_group(W, K, n);
+            if (n + rows < n1) next = reinterpret_cast<const char*>(bf16_group(W, K, n + rows)), next_bytes = panel_bytes;
+        } else {
+            f32_rows_to_panel(W, K, n, n1, f32_panel);
+            if (n + rows < n1)
+                next = reinterpret_cast<const char*>(W + size_t(n + rows) * K),
+                next_bytes = size_t(imin(kPanelRows, n1 - n - rows)) * K * 4;
+        }
         for (int i = 0; i < panels; i++) {
             for (size_t b = next_bytes * i / panels / 64 * 64; b < next_bytes * (i + 1) / panels; b += 64)
                 _mm_prefetch(next + b, _MM_HINT_T1);
             const int m = i * kPanelTokens, mt = imin(kPanelTokens, M - m);
             panel_tile_for<U>(mt, std::make_integer_sequence<int, kPanelTokens>())(
-                wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, Y + size_t(m) * ldy + n, ldy, rows);
+                wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, Y + size_t(m) * ldy + n, ldy, r0, rows);
         }
     }
 }
 
 static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
                        int n0, int n1) {
-    if (M >= kPanelMinTokens) return matmul_panels<F32Columns>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    if (M >= kF32PanelMinTokens) return matmul_panels<F32Columns>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
     matmul<float>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
 }
 
+// n0 a multiple of 16 (kernels.h). With no weights to rearrange, every prompt, down to 2 tokens, runs
+// on the panels.
 static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                         int ldy, int n0, int n1) {
-    if (M >= kPanelMinTokens) return matmul_panels<Bf16Pairs>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-    if (M > 1) return matmul_bf16_tiles(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-    const float* xs = split_even_odd(X, K);
-    auto B = [&](int n) { return bias ? bias + n : nullptr; };
-    int n = n0;
-    for (; n + kBf16Rows <= n1 && n % kBf16Rows == 0; n += kBf16Rows)
-        bf16_rows<kBf16Rows>(xs, K, bf16_row(W, K, n), B(n), Y + n);
-    for (; n < n1; n++) bf16_rows<1>(xs, K, bf16_row(W, K, n), B(n), Y + n);
+    if (M > 1) return matmul_panels<Bf16Pairs>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    for (int n = n0, rows; n < n1; n += rows) {
+        const int r0 = n % kBf16Rows;
+        rows = imin(kBf16Rows - r0, n1 - n);
+        const uint32_t* g = bf16_group(W, K, n);
+        const float* b = bias ? bias + n : nullptr;
+        if (r0 == 0 && rows > 16)
+            bf16_decode_group<2>(X, K, g, 0, b, Y + n, rows);
+        else
+            bf16_decode_group<1>(X, K, g, r0, b, Y + n, rows);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

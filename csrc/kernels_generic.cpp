@@ -51,9 +51,8 @@ static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W
         const float* x = X + size_t(m) * ldx;
         float* y = Y + size_t(m) * ldy;
         for (int n = n0; n < n1; n++) {
-            const uint16_t* w = bf16_row(W, K, n);
             float s[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int k = 0; k < K; k++) s[k < K / 4 * 4 ? k % 4 : 0] += x[k] * bf16_to_f32(*bf16_at(w, 0, k));
+            for (int k = 0; k < K; k++) s[k < K / 4 * 4 ? k % 4 : 0] += x[k] * bf16_to_f32(W[bf16_index(K, n, k)]);
             y[n] = (s[0] + s[1]) + (s[2] + s[3]) + (bias ? bias[n] : 0.f);
         }
     }

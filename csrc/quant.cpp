@@ -12,7 +12,7 @@ namespace qwen2rt {
 size_t q8_bytes(int rows, int cols) { return size_t(q_row_groups(rows)) * q_blocks(cols) * kQ8BlockBytes; }
 size_t q4_bytes(int rows, int cols) { return size_t(q_row_groups(rows)) * q_blocks(cols) * kQ4BlockBytes; }
 size_t bf16_bytes(int rows, int cols) {
-    return size_t((rows + kBf16Rows - 1) / kBf16Rows) * q_blocks(cols) * (kBf16Rows * kQBlock * 2);
+    return size_t((rows + kBf16Rows - 1) / kBf16Rows) * bf16_group_values(cols) * 2;
 }
 
 namespace {
@@ -150,24 +150,24 @@ void dequantize_row_q4(const uint8_t* packed, int cols, int row, float* out) {
 }
 
 void pack_bf16(const float* W, int rows, int cols, size_t ldw, uint16_t* out, int threads) {
-    const int G = (rows + kBf16Rows - 1) / kBf16Rows, B = q_blocks(cols);
+    const int G = (rows + kBf16Rows - 1) / kBf16Rows, P = q_blocks(cols) * kQBlock / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t g = 0; g < G; g++)
-        for (int j = 0; j < kBf16Rows; j++) {
-            const int r = int(g) * kBf16Rows + j;
-            uint16_t* row = out + (size_t(g) * B * kBf16Rows + size_t(j)) * kQBlock;
-            for (int b = 0; b < B; b++)
-                for (int i = 0; i < kQBlock; i++) {
-                    const int c = b * kQBlock + i;
-                    const uint16_t v = (r < rows && c < cols) ? f32_to_bf16(W[size_t(r) * ldw + c]) : 0;
-                    row[size_t(b) * kBf16Rows * kQBlock + i] = v;  // = *bf16_at(row, 0, c)
+    for (int64_t g = 0; g < G; g++) {
+        uint16_t* group = out + size_t(g) * bf16_group_values(cols);
+        for (int p = 0; p < P; p++)
+            for (int j = 0; j < kBf16Rows; j++) {
+                const int r = int(g) * kBf16Rows + j;
+                for (int i = 0; i < 2; i++) {
+                    const int c = 2 * p + i;
+                    group[(size_t(p) * kBf16Rows + size_t(j)) * 2 + size_t(i)] =  // = [bf16_index(cols, r, c)]
+                        (r < rows && c < cols) ? f32_to_bf16(W[size_t(r) * ldw + c]) : 0;
                 }
-        }
+            }
+    }
 }
 
 void unpack_row_bf16(const uint16_t* packed, int cols, int row, float* out) {
-    const uint16_t* r = bf16_row(packed, cols, row);
-    for (int c = 0; c < cols; c++) out[c] = bf16_to_f32(*bf16_at(r, 0, c));
+    for (int c = 0; c < cols; c++) out[c] = bf16_to_f32(packed[bf16_index(cols, row, c)]);
 }
 
 }  // namespace qwen2rt

@@ -44,15 +44,22 @@ size_t q8_bytes(int rows, int cols);
 size_t q4_bytes(int rows, int cols);
 size_t bf16_bytes(int rows, int cols);
 
-constexpr int kBf16Rows = 8;  // rows of one bf16 group
-// Row n of a packed bf16 matrix of K columns: its first value. Rows of a tile that starts at a
-// multiple of its height (and does not cross a group) are then 32 values apart within a block.
-static inline const uint16_t* bf16_row(const uint16_t* W, int K, int n) {
-    return W + (size_t(n / kBf16Rows) * size_t(q_blocks(K)) * kBf16Rows + size_t(n % kBf16Rows)) * kQBlock;
+// A packed bf16 matrix of K columns is held in groups of kBf16Rows rows, each group column pair by
+// column pair: [n / 32][k / 2][n % 32][k % 2], columns zero-padded to whole blocks of 32 (as the
+// q8/q4 layouts are) and rows to a whole group. One column pair of a group is then 32 rows' 4-byte
+// pairs, 128 contiguous bytes: two vectors of 16 rows, the operand a `vdpbf16ps` (AVX-512) or an
+// AMX B tile (TDPBF16PS) takes as it lies, so the prefill multiplies the weights with no repacking.
+constexpr int kBf16Rows = 32;
+// uint16s of one group
+static inline size_t bf16_group_values(int K) { return size_t(q_blocks(K)) * kQBlock * kBf16Rows; }
+// The group holding row n, as 32-bit column pairs: pair p of row n % 32 is at [p * 32 + n % 32].
+static inline const uint32_t* bf16_group(const uint16_t* W, int K, int n) {
+    return reinterpret_cast<const uint32_t*>(W + size_t(n / kBf16Rows) * bf16_group_values(K));
 }
-// Column k of the row `j` rows below `row` (same group).
-static inline const uint16_t* bf16_at(const uint16_t* row, int j, int k) {
-    return row + (size_t(k / kQBlock) * kBf16Rows + size_t(j)) * kQBlock + size_t(k % kQBlock);
+// Where value (n, k) is, in uint16s from W.
+static inline size_t bf16_index(int K, int n, int k) {
+    return size_t(n / kBf16Rows) * bf16_group_values(K) + (size_t(k / 2) * kBf16Rows + size_t(n % kBf16Rows)) * 2 +
+           size_t(k % 2);
 }
 // A row-major float32 matrix rounded to bf16 (nearest even) into the packed layout, zero-padded.
 void pack_bf16(const float* W, int rows, int cols, size_t ldw, uint16_t* out, int threads);

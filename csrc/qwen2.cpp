@@ -380,9 +380,9 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
     auto refuse_non_finite = [&](int64_t bad, size_t first, bool blocks) {
         std::string where;
         if (src == DType::BF16P) {  // packed value -> its row and column (quant.h)
-            const int64_t per_group = int64_t(q_blocks(cols)) * kBf16Rows * kQBlock, in_group = bad % per_group;
-            const int64_t row = bad / per_group * kBf16Rows + in_group % (kBf16Rows * kQBlock) / kQBlock;
-            const int64_t col = in_group / (kBf16Rows * kQBlock) * kQBlock + in_group % kQBlock;
+            const int64_t per_group = int64_t(bf16_group_values(cols)), in_group = bad % per_group;
+            const int64_t row = bad / per_group * kBf16Rows + in_group / 2 % kBf16Rows;
+            const int64_t col = in_group / (2 * kBf16Rows) * 2 + in_group % 2;
             where = "row " + std::to_string(row) + ", column " + std::to_string(col);
         } else if (blocks) {
             const int64_t B = q_blocks(cols);
@@ -562,7 +562,7 @@ void Qwen2Model::embedding_span(int token, size_t& begin, size_t& bytes, int& ro
     size_t group_rows = 1;
     if (E.gguf_type >= 0) bytes = gguf_dequant_src_bytes(E.gguf_type, E.cols);  // whole blocks
     else if (E.dtype == DType::F32) bytes = size_t(E.cols) * 4;
-    else if (E.dtype == DType::BF16) group_rows = kBf16Rows, bytes = size_t(q_blocks(E.cols)) * kBf16Rows * kQBlock * 2;
+    else if (E.dtype == DType::BF16) group_rows = kBf16Rows, bytes = bf16_group_values(E.cols) * 2;
     else group_rows = kQRows, bytes = size_t(q_blocks(E.cols)) * (E.dtype == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes);
     begin = size_t(token) / group_rows * bytes;
     row = int(size_t(token) % group_rows);

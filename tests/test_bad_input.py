@@ -288,10 +288,10 @@ def test_non_finite_scale_in_converted_model_refused(good, tmp_path, dtype):
         qwen2rt.Model(out)
 
 
-@pytest.mark.parametrize("row, col", [(5, 7), (13, 40)])
+@pytest.mark.parametrize("row, col", [(5, 7), (13, 40), (70, 171)])
 def test_non_finite_in_converted_bf16_refused(good, tmp_path, row, col):
-    """A converted bf16 model (packed: groups of 8 rows by blocks of 32 columns) with a NaN: refused at
-    load, naming the row and column it has in the matrix."""
+    """A converted bf16 model (packed: groups of 32 rows by column pairs, csrc/quant.h) with a NaN:
+    refused at load, naming the row and column it has in the matrix."""
     from qwen2rt.converted import convert
 
     out = tmp_path / "bf16"
@@ -302,7 +302,7 @@ def test_non_finite_in_converted_bf16_refused(good, tmp_path, row, col):
     header = json.loads(raw[8 : 8 + n])
     name = "model.layers.1.mlp.down_proj.weight"
     cols = json.loads(header["__metadata__"]["qwen2rt_shapes"])[name][1]
-    index = ((row // 8) * -(-cols // 32) + col // 32) * 256 + (row % 8) * 32 + col % 32
+    index = (row // 32) * 32 * (-(-cols // 32) * 32) + ((col // 2) * 32 + row % 32) * 2 + col % 2
     start = 8 + n + header[name]["data_offsets"][0] + 2 * index
     raw[start : start + 2] = struct.pack("<H", 0x7FC0)  # bf16 NaN
     st.write_bytes(bytes(raw))

@@ -115,9 +115,9 @@ def test_gguf_blocks_converted_by_rows_as_whole(checkpoints, tmp_path, dtype):
     assert got_dtype == dtype
     if dtype == "bf16":
         want = (np.ascontiguousarray(W).view(np.uint32) + 0x7FFF + ((W.view(np.uint32) >> 16) & 1)) >> 16
-        rows, cols = W.shape  # held packed: groups of 8 rows by blocks of 32 columns (csrc/quant.h)
-        g, b = -(-rows // 8), -(-cols // 32)
-        got = got.view(np.uint16).reshape(g, b, 8, 32).transpose(0, 2, 1, 3).reshape(g * 8, b * 32)[:rows, :cols]
+        rows, cols = W.shape  # held packed: groups of 32 rows by column pairs (csrc/quant.h)
+        g, p = -(-rows // 32), -(-cols // 32) * 16
+        got = got.view(np.uint16).reshape(g, p, 32, 2).transpose(0, 2, 1, 3).reshape(g * 32, p * 2)[:rows, :cols]
         np.testing.assert_array_equal(got, want.astype(np.uint16))
     else:
         np.testing.assert_array_equal(got.ravel(), _core.kernels.quantize_weights(dtype, W, 1).ravel())

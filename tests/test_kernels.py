@@ -49,6 +49,22 @@ def test_matmul_bf16(isa, M, K, N):
     close(_core.kernels.matmul(isa, X, bits, b), want)
 
 
+@pytest.mark.parametrize("isa", ALL_ISAS_HERE)
+@pytest.mark.parametrize("M", [1, 5, 40])
+@pytest.mark.parametrize("n0,n1", [(16, 50), (16, 20), (32, 50), (48, 49)])
+def test_matmul_bf16_rows_from_half_a_group(isa, M, n0, n1):
+    # a thread's rows start on any multiple of 16: half way into a packed group of 32 rows too
+    K, N = 70, 50
+    X = rng.standard_normal((M, K)).astype(np.float32)
+    bits, Wf = bf16_bits(rng.standard_normal((N, K)))
+    b = rng.standard_normal(N).astype(np.float32)
+    want = np.zeros((M, N))
+    want[:, n0:n1] = (bf16_tokens(isa, M, X).astype(np.float64) @ Wf.T.astype(np.float64) + b)[:, n0:n1]
+    close(_core.kernels.matmul(isa, X, bits, b, n0, n1), want)
+    with pytest.raises(qwen2rt.InvalidInputError, match="multiple of 16"):
+        _core.kernels.matmul(isa, X, bits, b, 8, n1)
+
+
 def bf16_tokens(isa, M, X):
     """X as the bf16 matmul multiplies it: the AVX-512 prefill (M > 1) rounds the tokens to bf16 and
     sums exact products in f32, as do the AMX tiles (M >= 16); every other path multiplies the f32

@@ -195,12 +195,21 @@ def test_small_matrices_made_at_load_are_packed(ckpt, dtype):
 
 
 def _unpack_bf16(packed, rows, cols):
-    """quant.h's bf16 layout back to row-major: groups of 8 rows, blocks of 32 columns."""
+    """quant.h's bf16 layout back to row-major: groups of 32 rows, [row // 32][col // 2][row % 32][col % 2],
+    columns padded to whole blocks of 32."""
+    g, p = -(-rows // 32), -(-cols // 32) * 16
+    return packed.reshape(g, p, 32, 2).transpose(0, 2, 1, 3).reshape(g * 32, p * 2)[:rows, :cols]
+
+
+def _pack_bf16_groups8(rows_major, rows, cols):
+    """Row-major bf16 bits in format version 3's layout: groups of 8 rows, blocks of 32 columns."""
     g, b = -(-rows // 8), -(-cols // 32)
-    return packed.reshape(g, b, 8, 32).transpose(0, 2, 1, 3).reshape(g * 8, b * 32)[:rows, :cols]
+    padded = np.zeros((g * 8, b * 32), np.uint16)
+    padded[:rows, :cols] = rows_major
+    return np.ascontiguousarray(padded.reshape(g, 8, b, 32).transpose(0, 2, 1, 3)).ravel()
 
 
-def test_converted_bf16_is_packed_and_row_major_files_still_load(ckpt, tmp_path):
+def test_converted_bf16_is_packed_and_older_layouts_still_load(ckpt, tmp_path):
     from qwen2rt.converted import convert
     from qwen2rt.safetensors_io import SafetensorsFile
 
@@ -210,36 +219,45 @@ def test_converted_bf16_is_packed_and_row_major_files_still_load(ckpt, tmp_path)
     f = SafetensorsFile(dst / "model.safetensors")
     md = f.metadata
     kinds, shapes = json.loads(md["qwen2rt_tensor_dtypes"]), json.loads(md["qwen2rt_shapes"])
-    assert md["qwen2rt_format_version"] == "3"
+    assert md["qwen2rt_format_version"] == "4"
     name = "model.layers.0.mlp.gate_proj.weight"
-    assert kinds[name] == "bf16p"
+    assert kinds[name] == "bf16p32"
     want = ref.model.layers[0].mlp.gate_proj.weight.detach().to(torch.bfloat16).view(torch.int16).numpy()
     np.testing.assert_array_equal(_unpack_bf16(f.array(name).view(np.uint16), *shapes[name]), want.view(np.uint16))
 
-    # the same weights stored row-major, as format versions 1 and 2 stored bf16: packed at load
-    header, blobs, offset = {}, [], 0
-    for t in f.names():
-        data = f.array(t).view(np.uint8)
-        if kinds[t] == "bf16p":
-            data = np.ascontiguousarray(_unpack_bf16(f.array(t).view(np.uint16), *shapes[t])).view(np.uint8).ravel()
-            kinds[t] = "bf16"
-        f32 = kinds[t] == "f32"
-        header[t] = {"dtype": "F32" if f32 else "U8", "shape": [data.size // (4 if f32 else 1)],
-                     "data_offsets": [offset, offset + data.size]}
-        blobs.append(data.tobytes())
-        offset += data.size
-    header["__metadata__"] = {**md, "qwen2rt_format_version": "1", "qwen2rt_tensor_dtypes": json.dumps(kinds)}
-    raw = json.dumps(header).encode()
-    raw += b" " * (-(8 + len(raw)) % 64)
-    old = tmp_path / "m-bf16-v1"
-    old.mkdir()
-    for other in dst.iterdir():
-        if other.name != "model.safetensors":
-            (old / other.name).write_bytes(other.read_bytes())
-    (old / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+    # the same weights as format versions 1 and 2 stored bf16 (row-major) and as version 3 did (groups
+    # of 8 rows): packed again at load, to the same logits
+    def rewrite(version, kind, layout):
+        header, blobs, offset, new_kinds = {}, [], 0, dict(kinds)
+        for t in f.names():
+            data = f.array(t).view(np.uint8)
+            if kinds[t] == "bf16p32":
+                rows_major = np.ascontiguousarray(_unpack_bf16(f.array(t).view(np.uint16), *shapes[t]))
+                data = np.ascontiguousarray(layout(rows_major, *shapes[t])).view(np.uint8).ravel()
+                new_kinds[t] = kind
+            f32 = new_kinds[t] == "f32"
+            header[t] = {"dtype": "F32" if f32 else "U8", "shape": [data.size // (4 if f32 else 1)],
+                         "data_offsets": [offset, offset + data.size]}
+            blobs.append(data.tobytes())
+            offset += data.size
+        header["__metadata__"] = {**md, "qwen2rt_format_version": version,
+                                  "qwen2rt_tensor_dtypes": json.dumps(new_kinds)}
+        raw = json.dumps(header).encode()
+        raw += b" " * (-(8 + len(raw)) % 64)
+        old = tmp_path / f"m-bf16-v{version}"
+        old.mkdir()
+        for other in dst.iterdir():
+            if other.name != "model.safetensors":
+                (old / other.name).write_bytes(other.read_bytes())
+        (old / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+        return old
+
     ids = list(range(3, 30))
     a = qwen2rt.Model(dst).forward(ids, all_logits=True)
-    np.testing.assert_array_equal(qwen2rt.Model(old).forward(ids, all_logits=True), a)
+    v1 = rewrite("1", "bf16", lambda r, rows, cols: r)
+    v3 = rewrite("3", "bf16p", _pack_bf16_groups8)
+    np.testing.assert_array_equal(qwen2rt.Model(v1).forward(ids, all_logits=True), a)
+    np.testing.assert_array_equal(qwen2rt.Model(v3).forward(ids, all_logits=True), a)
     np.testing.assert_array_equal(qwen2rt.Model(folder, dtype="bf16").forward(ids, all_logits=True), a)
 
 

@@ -29,15 +29,17 @@ from .errors import FormatError, InvalidInputError, UnsupportedModelError
 
 FORMAT_NAME = "qwen2rt"
 # 2: an untied embedding may be GGUF blocks (dtype "gguf:<ggml type>"). 3: bf16 matrices are packed
-# as they are held (dtype "bf16p", csrc/quant.h); version 1 and 2 files hold them row-major ("bf16"),
-# which loads by packing a copy. A file is written with the lowest version that reads it, so that a
-# qwen2rt reading version 1 still reads the others.
-FORMAT_VERSION = 3
+# as they were held then (dtype "bf16p": groups of 8 rows by blocks of 32 columns). 4: as they are
+# held now (dtype "bf16p32": groups of 32 rows by column pairs, csrc/quant.h), mapped with no copy.
+# Version 1 and 2 files hold them row-major ("bf16") and version 3 files in the old groups; both
+# load by packing a copy. A file is written with the lowest version that reads it, so that a qwen2rt
+# reading version 1 still reads the others.
+FORMAT_VERSION = 4
 ALIGN = 64  # the data section starts on a 64-byte boundary
 
 
 MATRIX_DTYPES = ("bf16", "f32", "q8", "q4")  # model.WEIGHT_DTYPES
-TENSOR_DTYPES = MATRIX_DTYPES + ("bf16p",)  # what a tensor may be stored as (but a GGUF embedding)
+TENSOR_DTYPES = MATRIX_DTYPES + ("bf16p", "bf16p32")  # what a tensor may be stored as (but a GGUF embedding)
 GGUF_EMBEDDING = "model.embed_tokens.weight"  # the one tensor that may be GGUF blocks
 
 
@@ -64,9 +66,10 @@ def packed_bytes(dtype: str, shape: list[int]) -> int:
     if dtype in ("q8", "q4"):
         rows, cols = shape
         return -(-rows // 16) * -(-cols // 32) * (32 + (512 if dtype == "q8" else 256))
-    if dtype == "bf16p":  # groups of 8 rows by blocks of 32 columns, zero-padded
+    if dtype in ("bf16p", "bf16p32"):  # groups of 8 (32) rows by 32 (32) columns, zero-padded
         rows, cols = shape
-        return -(-rows // 8) * -(-cols // 32) * 512
+        group = 8 if dtype == "bf16p" else 32
+        return -(-rows // group) * -(-cols // 32) * 64 * group
     count = shape[0] * (shape[1] if len(shape) == 2 else 1)
     return count * (2 if dtype == "bf16" else 4)
 
@@ -167,9 +170,20 @@ class ConvertedWeights:
                     f"{self.file.path}: tensor {name!r} is {info.dtype}, its qwen2rt dtype {dtype} needs {expect}"
                 )
             array = self.file.array(name)
-            if dtype in ("bf16", "bf16p"):
+            if dtype in ("bf16", "bf16p", "bf16p32"):
                 array = array.view(np.uint16)
+            if dtype == "bf16p":  # version 3's groups of 8 rows: back to row-major, packed again at load
+                array, dtype = unpack_bf16_groups8(array, *self.shapes[name]), "bf16"
+            elif dtype == "bf16p32":  # the layout the core holds (its name for it)
+                dtype = "bf16p"
             yield name, array, dtype, self.shapes[name]
+
+
+def unpack_bf16_groups8(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A version-3 "bf16p" matrix (groups of 8 rows, blocks of 32 columns: [row // 8][col // 32]
+    [row % 8][col % 32]) as a row-major [rows, cols] array of bf16 bits."""
+    g, b = -(-rows // 8), -(-cols // 32)
+    return np.ascontiguousarray(packed.reshape(g, b, 8, 32).transpose(0, 2, 1, 3).reshape(g * 8, b * 32)[:rows, :cols])
 
 
 class _Progress:
@@ -245,7 +259,7 @@ def convert(
     views.sort(key=lambda v: (v[1].startswith("gguf:"), v[1] == "f32" and v[4] == 0))
     for name, kind, data, rows, cols in views:
         if kind == "bf16" and cols:  # a bf16 matrix is held packed, and stored so
-            kind = "bf16p"
+            kind = "bf16p32"
         tensor_dtypes[name] = kind
         shapes[name] = [rows, cols] if cols else [rows]
         st_dtype = "F32" if kind == "f32" else "U8"
@@ -255,7 +269,7 @@ def convert(
         offset += data.size
     header["__metadata__"] = {
         "format": FORMAT_NAME,
-        "qwen2rt_format_version": str(3 if "bf16p" in tensor_dtypes.values()
+        "qwen2rt_format_version": str(4 if "bf16p32" in tensor_dtypes.values()
                                       else 2 if any(k.startswith("gguf:") for k in tensor_dtypes.values()) else 1),
         "qwen2rt_dtype": dtype,
         "qwen2rt_tensor_dtypes": json.dumps(tensor_dtypes),
