@@ -4,6 +4,8 @@
 #include <immintrin.h>
 #include <math.h>
 
+#include <utility>
+
 #include "kernels.h"
 #include "numeric.h"
 #include "quant.h"
@@ -90,43 +92,65 @@ static void decode_rows(const float* x, int K, const float* W, const float* bias
 // bf16 weights (packed, quant.h): a lane is a weight row, as in the AVX-512 panels. A 32-byte load
 // is one column pair of 8 rows; a bf16 is the top half of an f32, so the odd column becomes floats
 // by masking off the low halves and the even one by a 16-bit shift, and each token's two columns
-// are broadcast into two FMAs. V vectors (8V rows from row r0 of the group g) x MT tokens, with no
-// horizontal sums; decode takes a whole group (V = 4), a prompt 16 rows x 4 tokens (the registers:
-// 8 sums, 4 weight vectors, 2 broadcasts). Columns past K are zero in W but not there in X: the
-// last pair of an odd K takes 0 for its odd column.
+// are broadcast into an FMA each, into sums of their own (one chain of two dependent FMAs a pair
+// would wait on the FMA's latency). V vectors (8V rows from row r0 of the group g) x MT tokens, with
+// no horizontal sums: decode takes a whole group (V = 4), a prompt 8 rows x 4 tokens. The tokens'
+// columns are broadcast from values (_mm256_set1_ps): through _mm256_broadcast_ss's pointer gcc kept
+// the sums in memory, storing each after every FMA, at two thirds of the speed. Columns past K are
+// zero in W but not there in X: the last pair of an odd K has no odd column. Against the row tiles
+// of the 8-row groups held before, one Zen 4 core (benchmarks/matmul_kernels.cpp avx2 bf16): as fast
+// at 256 tokens (64-67 GFLOP/s), 44-60 against 43-46 at 16; decode from L3 within the noise.
 template <int MT, int V>
-static void bf16_lanes_tile(const float* X, int ldx, int mt, int K, const uint32_t* g, int r0, const float* bias,
-                            float* Y, int ldy, int rows) {
-    __m256 acc[MT][V];
-    for (int t = 0; t < MT; t++)
-        for (int v = 0; v < V; v++) acc[t][v] = _mm256_setzero_ps();
+static void bf16_lanes_tile(const float* X, int ldx, int K, const uint32_t* g, int r0, const float* bias, float* Y,
+                            int ldy, int rows) {
+    __m256 even[MT * V], odd[MT * V];
+    for (int i = 0; i < MT * V; i++) even[i] = odd[i] = _mm256_setzero_ps();
     const __m256i top = _mm256_set1_epi32(int(0xffff0000u));
-    const int pairs = (K + 1) / 2;
-    for (int p = 0; p < pairs; p++) {
+    const uint32_t* w0 = g + r0;  // pair p of vector v: w0 + p * kBf16Rows + 8v
+    const float* x0 = X;
+    const int pairs = K / 2;
+    for (int p = 0; p < pairs; p++, w0 += kBf16Rows, x0 += 2) {
         if (MT == 1)  // decode streams the group from memory
             prefetch_step<kBf16Rows * 4>(reinterpret_cast<const char*>(g + size_t(kPrefetchBytes) / 4), p);
         __m256 we[V], wo[V];
         for (int v = 0; v < V; v++) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + size_t(p) * kBf16Rows + r0 + 8 * v));
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 8 * v));
             we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
             wo[v] = _mm256_castsi256_ps(_mm256_and_si256(w, top));
         }
-        const bool odd = 2 * p + 1 < K;
-        for (int t = 0; t < MT && t < mt; t++) {
-            const float* x = X + size_t(t) * ldx + 2 * p;
-            const __m256 xe = _mm256_broadcast_ss(x), xo = odd ? _mm256_broadcast_ss(x + 1) : _mm256_setzero_ps();
-            for (int v = 0; v < V; v++) acc[t][v] = _mm256_fmadd_ps(xo, wo[v], _mm256_fmadd_ps(xe, we[v], acc[t][v]));
+        for (int t = 0; t < MT; t++) {
+            const __m256 xe = _mm256_set1_ps(x0[size_t(t) * ldx]), xo = _mm256_set1_ps(x0[size_t(t) * ldx + 1]);
+            for (int v = 0; v < V; v++) {
+                even[t * V + v] = _mm256_fmadd_ps(xe, we[v], even[t * V + v]);
+                odd[t * V + v] = _mm256_fmadd_ps(xo, wo[v], odd[t * V + v]);
+            }
         }
     }
-    alignas(32) float out[8 * V];
-    for (int t = 0; t < MT && t < mt; t++) {
-        for (int v = 0; v < V; v++) _mm256_store_ps(out + 8 * v, acc[t][v]);
-        for (int r = 0; r < rows; r++) Y[size_t(t) * ldy + r] = out[r] + (bias ? bias[r] : 0.f);
-    }
+    if (K % 2)  // the last column alone: the one past it is not in X
+        for (int v = 0; v < V; v++) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 8 * v));
+            const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            for (int t = 0; t < MT; t++)
+                even[t * V + v] = _mm256_fmadd_ps(_mm256_set1_ps(x0[size_t(t) * ldx]), we, even[t * V + v]);
+        }
+    // the sums out first, by constant indices (a loop over them with a loop inside would not be
+    // unrolled, and gcc would then keep them in memory, storing each after every FMA)
+    alignas(32) float out[MT][8 * V];
+    for (int t = 0; t < MT; t++)
+        for (int v = 0; v < V; v++) _mm256_store_ps(out[t] + 8 * v, _mm256_add_ps(even[t * V + v], odd[t * V + v]));
+    for (int t = 0; t < MT; t++)
+        for (int r = 0; r < rows; r++) Y[size_t(t) * ldy + r] = out[t][r] + (bias ? bias[r] : 0.f);
+}
+
+using LanesTileFn = void (*)(const float*, int, int, const uint32_t*, int, const float*, float*, int, int);
+template <int... MT>
+static LanesTileFn prompt_tile_for(int mt, std::integer_sequence<int, MT...>) {
+    static const LanesTileFn fns[] = {bf16_lanes_tile<MT + 1, 1>...};
+    return fns[mt - 1];
 }
 
 // n0 a multiple of 16 (kernels.h): a tile starts on a group or half a group. A prompt goes in blocks
-// of 64 tokens (in L2), each meeting every 16 rows of [n0, n1) (in L1) 4 tokens at a time.
+// of 64 tokens (in L2), each meeting every 8 rows of [n0, n1) (in L1) 4 tokens at a time.
 static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                         int ldy, int n0, int n1) {
     auto B = [&](int n) { return bias ? bias + n : nullptr; };
@@ -136,20 +160,20 @@ static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W
             const int r0 = n % kBf16Rows;
             rows = imin(r0 == 0 ? kBf16Rows : 16, n1 - n);
             if (rows > 16)  // a whole group in one pass: one stream
-                bf16_lanes_tile<1, 4>(X, ldx, 1, K, g, 0, B(n), Y + n, ldy, rows);
+                bf16_lanes_tile<1, 4>(X, ldx, K, g, 0, B(n), Y + n, ldy, rows);
             else
-                bf16_lanes_tile<1, 2>(X, ldx, 1, K, g, r0, B(n), Y + n, ldy, rows);
+                bf16_lanes_tile<1, 2>(X, ldx, K, g, r0, B(n), Y + n, ldy, rows);
         }
         return;
     }
-    constexpr int kTokenBlock = 64;
+    constexpr int kTokenBlock = 64, kTileTokens = 4;
     for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
         const int m1 = imin(M, m0 + kTokenBlock);
-        for (int n = n0; n < n1; n += 16) {
+        for (int n = n0; n < n1; n += 8) {
             const uint32_t* g = bf16_group(W, K, n);
-            for (int m = m0; m < m1; m += 4)
-                bf16_lanes_tile<4, 2>(X + size_t(m) * ldx, ldx, imin(4, m1 - m), K, g, n % kBf16Rows, B(n),
-                                      Y + size_t(m) * ldy + n, ldy, imin(16, n1 - n));
+            for (int m = m0; m < m1; m += kTileTokens)
+                prompt_tile_for(imin(kTileTokens, m1 - m), std::make_integer_sequence<int, kTileTokens>())(
+                    X + size_t(m) * ldx, ldx, K, g, n % kBf16Rows, B(n), Y + size_t(m) * ldy + n, ldy, imin(8, n1 - n));
         }
     }
 }
