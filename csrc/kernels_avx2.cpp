@@ -56,18 +56,18 @@ static inline __m256 exp256(__m256 x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// matmul: MR x NR register tile of dot products, as in kernels_avx512.cpp; the K tail (K % 8) is
-// finished in scalar code.
+// matmul (f32 weights, row-major): MR x NR register tile of dot products, as in kernels_avx512.cpp;
+// the K tail (K % 8) is finished in scalar code.
 
-template <int MR, int NR, class WT>
-static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float* bias, float* Y, int ldy) {
+template <int MR, int NR>
+static void matmul_tile(const float* X, int ldx, int K, const float* W, const float* bias, float* Y, int ldy) {
     __m256 acc[MR][NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-        if (MR == 1 && sizeof(WT) == 4)  // f32 decode streams W from memory: the next tile is asked for
-            prefetch_step<NR * 8 * sizeof(WT)>(reinterpret_cast<const char*>(W + size_t(NR) * K), k / 8);
+        if (MR == 1)  // f32 decode streams W from memory: the next tile is asked for
+            prefetch_step<NR * 8 * sizeof(float)>(reinterpret_cast<const char*>(W + size_t(NR) * K), k / 8);
         __m256 w[NR];
         for (int j = 0; j < NR; j++) w[j] = load_w(w_at(W, K, j, k));
         for (int i = 0; i < MR; i++) {
@@ -85,8 +85,8 @@ static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float
 
 static void decode_rows(const float* x, int K, const float* W, const float* bias, float* Y, int n0, int n1) {
     int n = n0;
-    for (; n + 4 <= n1; n += 4) matmul_tile<1, 4, float>(x, K, K, W + size_t(n) * K, bias ? bias + n : nullptr, Y + n, 0);
-    for (; n < n1; n++) matmul_tile<1, 1, float>(x, K, K, W + size_t(n) * K, bias ? bias + n : nullptr, Y + n, 0);
+    for (; n + 4 <= n1; n += 4) matmul_tile<1, 4>(x, K, K, W + size_t(n) * K, bias ? bias + n : nullptr, Y + n, 0);
+    for (; n < n1; n++) matmul_tile<1, 1>(x, K, K, W + size_t(n) * K, bias ? bias + n : nullptr, Y + n, 0);
 }
 
 // bf16 weights (packed, quant.h): a lane is a weight row, as in the AVX-512 panels. A 32-byte load
@@ -178,30 +178,27 @@ static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W
     }
 }
 
-template <class WT>
-using TileFn = void (*)(const float*, int, int, const WT*, const float*, float*, int);
+using TileFn = void (*)(const float*, int, int, const float*, const float*, float*, int);
 
-template <class WT, int MR>
-static TileFn<WT> tile_for_nr(int nr) {
+template <int MR>
+static TileFn tile_for_nr(int nr) {
     switch (nr) {
-        case 1: return matmul_tile<MR, 1, WT>;
-        case 2: return matmul_tile<MR, 2, WT>;
-        default: return matmul_tile<MR, 3, WT>;
+        case 1: return matmul_tile<MR, 1>;
+        case 2: return matmul_tile<MR, 2>;
+        default: return matmul_tile<MR, 3>;
     }
 }
 
-template <class WT>
-static TileFn<WT> tile_for(int mr, int nr) {
+static TileFn tile_for(int mr, int nr) {
     switch (mr) {
-        case 1: return tile_for_nr<WT, 1>(nr);
-        case 2: return tile_for_nr<WT, 2>(nr);
-        case 3: return tile_for_nr<WT, 3>(nr);
-        default: return tile_for_nr<WT, 4>(nr);
+        case 1: return tile_for_nr<1>(nr);
+        case 2: return tile_for_nr<2>(nr);
+        case 3: return tile_for_nr<3>(nr);
+        default: return tile_for_nr<4>(nr);
     }
 }
 
-template <class WT>
-static void matmul(const float* X, int ldx, int M, int K, const WT* W, const float* bias, float* Y, int ldy, int n0,
+static void matmul(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy, int n0,
                    int n1) {
     auto B = [&](int n) { return bias ? bias + n : nullptr; };
     if (M == 1) return decode_rows(X, K, W, bias, Y, n0, n1);
@@ -212,8 +209,7 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
             nr = imin(3, n1 - n);
             for (int m = m0; m < m1; m += 4) {
                 const int mr = imin(4, m1 - m);
-                tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, w_row(W, K, n), B(n), Y + size_t(m) * ldy + n,
-                                     ldy);
+                tile_for(mr, nr)(X + size_t(m) * ldx, ldx, K, w_row(W, K, n), B(n), Y + size_t(m) * ldy + n, ldy);
             }
         }
     }
@@ -221,7 +217,7 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
 
 static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
                        int n0, int n1) {
-    matmul<float>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    matmul(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
 }
 
 // ---------------------------------------------------------------------------------------------

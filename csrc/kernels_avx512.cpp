@@ -48,8 +48,9 @@ static inline __m512 exp512(__m512 x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// matmul: an MR x NR register tile of dot products. Each step loads NR weight vectors and MR token
-// vectors and does MR*NR FMAs; the accumulators are reduced once at the end of K.
+// matmul (f32 weights, row-major): an MR x NR register tile of dot products. Each step loads NR
+// weight vectors and MR token vectors and does MR*NR FMAs; the accumulators are reduced once at the
+// end of K.
 
 // An f32 decode tile (one token) asks, each step, for as many bytes of the tile kDecodeTilesAhead on
 // as it reads of its own, into L2. On Zen 4, against asking for the next tile into L1: a decode step's
@@ -58,15 +59,15 @@ static inline __m512 exp512(__m512 x) {
 // low; f32 45 against 44 and 32.5 against 31. One, two or three tiles on measured alike, 8 or 16 lower.
 constexpr int kDecodeTilesAhead = 2;
 
-template <int MR, int NR, class WT>
-static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float* bias, float* Y, int ldy) {
+template <int MR, int NR>
+static void matmul_tile(const float* X, int ldx, int K, const float* W, const float* bias, float* Y, int ldy) {
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 16 <= K; k += 16) {
-        if (MR == 1 && sizeof(WT) == 4)  // f32 decode streams W from memory: a tile further on is asked for
-            prefetch_step<NR * 16 * sizeof(WT), 2>(reinterpret_cast<const char*>(W + size_t(kDecodeTilesAhead * NR) * K),
+        if (MR == 1)  // f32 decode streams W from memory: a tile further on is asked for
+            prefetch_step<NR * 16 * sizeof(float), 2>(reinterpret_cast<const char*>(W + size_t(kDecodeTilesAhead * NR) * K),
                                                    k / 16);
         __m512 w[NR];
         for (int j = 0; j < NR; j++) w[j] = load_w(w_at(W, K, j, k));
@@ -89,38 +90,35 @@ static void matmul_tile(const float* X, int ldx, int K, const WT* W, const float
             Y[size_t(i) * ldy + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j] : 0.f);
 }
 
-template <class WT>
-using TileFn = void (*)(const float*, int, int, const WT*, const float*, float*, int);
+using TileFn = void (*)(const float*, int, int, const float*, const float*, float*, int);
 
-template <class WT, int MR>
-static TileFn<WT> tile_for_nr(int nr) {
+template <int MR>
+static TileFn tile_for_nr(int nr) {
     switch (nr) {
-        case 1: return matmul_tile<MR, 1, WT>;
-        case 2: return matmul_tile<MR, 2, WT>;
-        case 3: return matmul_tile<MR, 3, WT>;
-        default: return matmul_tile<MR, 4, WT>;
+        case 1: return matmul_tile<MR, 1>;
+        case 2: return matmul_tile<MR, 2>;
+        case 3: return matmul_tile<MR, 3>;
+        default: return matmul_tile<MR, 4>;
     }
 }
 
-template <class WT>
-static TileFn<WT> tile_for(int mr, int nr) {
+static TileFn tile_for(int mr, int nr) {
     switch (mr) {
-        case 1: return tile_for_nr<WT, 1>(nr);
-        case 2: return tile_for_nr<WT, 2>(nr);
-        case 3: return tile_for_nr<WT, 3>(nr);
-        default: return tile_for_nr<WT, 4>(nr);
+        case 1: return tile_for_nr<1>(nr);
+        case 2: return tile_for_nr<2>(nr);
+        case 3: return tile_for_nr<3>(nr);
+        default: return tile_for_nr<4>(nr);
     }
 }
 
-template <class WT>
-static void matmul(const float* X, int ldx, int M, int K, const WT* W, const float* bias, float* Y, int ldy, int n0,
+static void matmul(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy, int n0,
                    int n1) {
     auto B = [&](int n) { return bias ? bias + n : nullptr; };
     if (M == 1) {  // decode: one token, four weight rows at a time (memory-bound)
         int n = n0;
         for (; n < n1; n += 4) {
             const int nr = imin(4, n1 - n);
-            tile_for<WT>(1, nr)(X, ldx, K, w_row(W, K, n), B(n), Y + n, ldy);
+            tile_for(1, nr)(X, ldx, K, w_row(W, K, n), B(n), Y + n, ldy);
         }
         return;
     }
@@ -133,8 +131,7 @@ static void matmul(const float* X, int ldx, int M, int K, const WT* W, const flo
             const int nr = imin(4, n1 - n);
             for (int m = m0; m < m1; m += 4) {
                 const int mr = imin(4, m1 - m);
-                tile_for<WT>(mr, nr)(X + size_t(m) * ldx, ldx, K, w_row(W, K, n), B(n), Y + size_t(m) * ldy + n,
-                                     ldy);
+                tile_for(mr, nr)(X + size_t(m) * ldx, ldx, K, w_row(W, K, n), B(n), Y + size_t(m) * ldy + n, ldy);
             }
         }
     }
@@ -348,7 +345,7 @@ static void matmul_panels(const float* X, int ldx, int M, int K, const typename 
 static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
                        int n0, int n1) {
     if (M >= kF32PanelMinTokens) return matmul_panels<F32Columns>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-    matmul<float>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    matmul(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
 }
 
 // n0 a multiple of 16 (kernels.h). With no weights to rearrange, every prompt, down to 2 tokens, runs
