@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qwen2rt
-from tiny_model import make_checkpoint, write_gguf
+from tiny_model import make_checkpoint, unpack_bf16, write_gguf
 
 pytest.importorskip("gguf")
 
@@ -115,9 +115,7 @@ def test_gguf_blocks_converted_by_rows_as_whole(checkpoints, tmp_path, dtype):
     assert got_dtype == dtype
     if dtype == "bf16":
         want = (np.ascontiguousarray(W).view(np.uint32) + 0x7FFF + ((W.view(np.uint32) >> 16) & 1)) >> 16
-        rows, cols = W.shape  # held packed: groups of 32 rows by column pairs (csrc/quant.h)
-        g, p = -(-rows // 32), -(-cols // 32) * 16
-        got = got.view(np.uint16).reshape(g, p, 32, 2).transpose(0, 2, 1, 3).reshape(g * 32, p * 2)[:rows, :cols]
+        got = unpack_bf16(got.view(np.uint16), *W.shape)  # held packed (csrc/quant.h)
         np.testing.assert_array_equal(got, want.astype(np.uint16))
     else:
         np.testing.assert_array_equal(got.ravel(), _core.kernels.quantize_weights(dtype, W, 1).ravel())

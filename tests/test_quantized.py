@@ -9,7 +9,7 @@ import torch
 import qwen2rt
 from qwen2rt import FormatError, InvalidInputError, UnsupportedModelError
 from isa_paths import TILE_ISAS, TILE_ISAS_HERE, logits_per_isa
-from tiny_model import edit_safetensors_header, make_checkpoint, write_tiny_tokenizer
+from tiny_model import edit_safetensors_header, make_checkpoint, unpack_bf16, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module", params=["q32", "gqa"])
@@ -194,13 +194,6 @@ def test_small_matrices_made_at_load_are_packed(ckpt, dtype):
     assert not np.allclose(m.forward(list(range(3, 20)), all_logits=True), before)
 
 
-def _unpack_bf16(packed, rows, cols):
-    """quant.h's bf16 layout back to row-major: groups of 32 rows, [row // 32][col // 2][row % 32][col % 2],
-    columns padded to whole blocks of 32."""
-    g, p = -(-rows // 32), -(-cols // 32) * 16
-    return packed.reshape(g, p, 32, 2).transpose(0, 2, 1, 3).reshape(g * 32, p * 2)[:rows, :cols]
-
-
 def _pack_bf16_groups8(rows_major, rows, cols):
     """Row-major bf16 bits in format version 3's layout: groups of 8 rows, blocks of 32 columns."""
     g, b = -(-rows // 8), -(-cols // 32)
@@ -223,7 +216,7 @@ def test_converted_bf16_is_packed_and_older_layouts_still_load(ckpt, tmp_path):
     name = "model.layers.0.mlp.gate_proj.weight"
     assert kinds[name] == "bf16p32"
     want = ref.model.layers[0].mlp.gate_proj.weight.detach().to(torch.bfloat16).view(torch.int16).numpy()
-    np.testing.assert_array_equal(_unpack_bf16(f.array(name).view(np.uint16), *shapes[name]), want.view(np.uint16))
+    np.testing.assert_array_equal(unpack_bf16(f.array(name).view(np.uint16), *shapes[name]), want.view(np.uint16))
 
     # the same weights as format versions 1 and 2 stored bf16 (row-major) and as version 3 did (groups
     # of 8 rows): packed again at load, to the same logits
@@ -232,7 +225,7 @@ def test_converted_bf16_is_packed_and_older_layouts_still_load(ckpt, tmp_path):
         for t in f.names():
             data = f.array(t).view(np.uint8)
             if kinds[t] == "bf16p32":
-                rows_major = np.ascontiguousarray(_unpack_bf16(f.array(t).view(np.uint16), *shapes[t]))
+                rows_major = np.ascontiguousarray(unpack_bf16(f.array(t).view(np.uint16), *shapes[t]))
                 data = np.ascontiguousarray(layout(rows_major, *shapes[t])).view(np.uint8).ravel()
                 new_kinds[t] = kind
             f32 = new_kinds[t] == "f32"

@@ -172,3 +172,10 @@ def edit_safetensors_header(path, fn):
     new = json.dumps(header).encode()
     new += b" " * (-(8 + len(new)) % 64)
     path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def unpack_bf16(packed, rows, cols):
+    """A packed bf16 matrix (csrc/quant.h: groups of 32 rows, [row // 32][col // 2][row % 32][col % 2],
+    columns padded to whole blocks of 32) back to row-major bf16 bits."""
+    g, p = -(-rows // 32), -(-cols // 32) * 16
+    return packed.reshape(g, p, 32, 2).transpose(0, 2, 1, 3).reshape(g * 32, p * 2)[:rows, :cols]
