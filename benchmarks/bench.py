@@ -9,8 +9,10 @@ several rounds, every other one in reverse (A B C C B A ...); the table shows me
 the first forward pass after loading (8 tokens), timed apart: it is where a model mapped from its
 file (a converted one, or llama.cpp's GGUF) reads its weights in, so load_s + first_s is a cold
 start, and the prefill and decode figures after it are all measured warm. Decode is memory-bound, so
-its roofline column is the bytes of weights read per token times tokens/s against the read bandwidth
-measured here; prefill is compute-bound, so its column is GFLOP/s (2 * weights read * tokens / s),
+its roofline is the bytes of weights read per token times tokens/s against the read bandwidth:
+roofline_pct against the bandwidth sampled in the same process just before and just after that
+decode (the host's bandwidth moves over tens of seconds), roofline_best_pct against the best sample
+of the whole run; prefill is compute-bound, so its column is GFLOP/s (2 * weights read * tokens / s),
 and prefill_peak_pct sets that against the peak of the instruction a prefill of those weights
 multiplies with on this CPU (vfmadd231ps for f32, vdpbf16ps for bf16, vpdpbusd for 8 and 4 bits;
 measured here on the same threads, AVX-512 only). Attention and the rest of a layer are in the time
@@ -48,6 +50,44 @@ def _prompt_ids(tokenize, n: int) -> list[int]:
     return ids[:n]
 
 
+# The host's read bandwidth comes and goes with its other tenants, over tens of seconds, and a
+# decode's tok/s with it: so each child samples the bandwidth just before and just after its decode,
+# and that decode's roofline is the mean of the two (the best sample of the whole run would set a slow
+# period's decode against a fast period's bandwidth). A sample's 256 MiB buffer would count in the
+# child's peak RSS: the peak so far is kept before each sample and Linux's high-water mark is reset
+# after it (/proc/self/clear_refs, "5"); where that cannot be done no sample is taken.
+_peak_rss_outside_samples = 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def bandwidth_now(threads: int) -> float | None:
+    """Bytes/s of reading a 256 MiB buffer now, from inside a child, or None."""
+    global _peak_rss_outside_samples
+    from qwen2rt import _core
+
+    _peak_rss_outside_samples = max(_peak_rss_outside_samples, peak_rss_bytes())
+    if not _reset_peak_rss():
+        return None
+    bw = _core.read_bandwidth(256 << 20, threads, 3)
+    _reset_peak_rss()  # the buffer is unmapped: the high-water mark drops back to what is resident
+    return bw
+
+
+def _timed_decode(out: dict, threads: int, decode) -> None:
+    """out["decode_s"] = decode(), with the read bandwidth sampled right before and right after it."""
+    out["decode_bw_before"] = bandwidth_now(threads)
+    out["decode_s"] = decode()
+    out["decode_bw_after"] = bandwidth_now(threads)
+
+
 def _run_qwen2rt(spec: dict) -> dict:
     import numpy as np
 
@@ -80,12 +120,15 @@ def _run_qwen2rt(spec: dict) -> dict:
         int(np.argmax(logits))
         out[f"prefill_{p}_s"] = time.perf_counter() - t
     # decode D tokens after a short prompt
-    m.reset()
-    logits = m.forward(ids[:8])
-    t = time.perf_counter()
-    for _ in range(spec["decode"]):
-        logits = m.forward([int(np.argmax(logits))], start_pos=m.cache_len)
-    out["decode_s"] = time.perf_counter() - t
+    def decode() -> float:
+        m.reset()
+        logits = m.forward(ids[:8])
+        t = time.perf_counter()
+        for _ in range(spec["decode"]):
+            logits = m.forward([int(np.argmax(logits))], start_pos=m.cache_len)
+        return time.perf_counter() - t
+
+    _timed_decode(out, spec["threads"], decode)
     for c in spec["contexts"]:
         m.reset()
         logits = m.forward(ids[:c])
@@ -168,7 +211,7 @@ def _run_torch(spec: dict) -> dict:
                 past, nxt = r.past_key_values, r.logits[0, -1].argmax().view(1, 1)
             return time.perf_counter() - t
 
-        out["decode_s"] = decode(ids[:8], spec["decode"])
+        _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"]))
         for c in spec["contexts"]:
             out[f"decode_at_{c}_s"] = decode(ids[:c], 32) / 32 * spec["decode"]
     return out
@@ -246,7 +289,7 @@ def _run_llama(spec: dict) -> dict:
             llm.eval([argmax_last()])
         return time.perf_counter() - t
 
-    out["decode_s"] = decode(ids[:8], spec["decode"])
+    _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"]))
     for c in spec["contexts"]:
         out[f"decode_at_{c}_s"] = decode(ids[:c], 32) / 32 * spec["decode"]
     return out
@@ -273,7 +316,7 @@ def peak_rss_bytes() -> int:
 def child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     out = RUNNERS[spec["engine"]](spec)
-    out["peak_rss_bytes"] = peak_rss_bytes()
+    out["peak_rss_bytes"] = max(peak_rss_bytes(), _peak_rss_outside_samples)
     print("RESULT " + json.dumps(out))
 
 
@@ -430,7 +473,8 @@ def main() -> None:
     for e, runs in results.items():
         if not runs:
             continue
-        med = {k: statistics.median(run[k] for run in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+        med = {k: statistics.median(run[k] for run in runs) for k in runs[0]
+               if all(isinstance(run.get(k), (int, float)) for run in runs)}
         kind, dtype = e.split("-", 1)
         bits = BITS.get(dtype)
         row = {"engine": e, "runs": len(runs), "load_s": med["load_s"], "first_s": med.get("first_s"),
@@ -447,7 +491,11 @@ def main() -> None:
         read = med.get("read_bytes_per_token") or (per_token * bits / 8 if bits else None)
         if read:
             row["decode_GB_s"] = row["decode_tok_s"] * read / 1e9
-            row["roofline_pct"] = 100 * row["decode_GB_s"] / (bw / 1e9)
+            # each run's decode against the bandwidth of its own moment (the child's samples around it)
+            same_moment = [100 * read * a.decode / run["decode_s"] / ((bw0 + bw1) / 2) for run in runs
+                           if (bw0 := run.get("decode_bw_before")) and (bw1 := run.get("decode_bw_after"))]
+            row["roofline_pct"] = statistics.median(same_moment) if same_moment else None
+            row["roofline_best_pct"] = 100 * row["decode_GB_s"] / (bw / 1e9)
         flops_per_token = 2 * (per_token - cfg.vocab_size * cfg.hidden_size)  # the lm_head runs once per prompt
         row["prefill_GFLOP_s"] = row[f"prefill{prompts[-1]}_tok_s"] * flops_per_token / 1e9
         peak = peaks.get(PEAK_OP.get(dtype.split("/")[0], ""))
@@ -463,10 +511,9 @@ def main() -> None:
     cols = ["engine", "load_s", "first_s"] + [f"prefill{p}_tok_s" for p in dict.fromkeys([prompts[0], prompts[-1]])] + \
            ["decode_tok_s"] + \
            [x for c in contexts for x in (f"decode@{c}_tok_s", f"decode@{c}_pct")] + \
-           [f"batch{b}_tok_s" for b in batches] + ["decode_GB_s", "roofline_pct", "prefill_GFLOP_s", "prefill_peak_pct",
-                                                      "peak_rss_gb",
-                                                      "rss_x_weights_kv",
-                                                      "vs_llama_decode", "vs_torch_decode", "vs_best_prefill"]
+           [f"batch{b}_tok_s" for b in batches] + \
+           ["decode_GB_s", "roofline_pct", "roofline_best_pct", "prefill_GFLOP_s", "prefill_peak_pct", "peak_rss_gb",
+            "rss_x_weights_kv", "vs_llama_decode", "vs_torch_decode", "vs_best_prefill"]
     longest = f"prefill{prompts[-1]}_tok_s"
     ref_prefill = max(filter(None, [best("llama", longest), best("torch", longest)]), default=None)
     for e, r in rows.items():
@@ -487,8 +534,9 @@ def main() -> None:
     for r in rows.values():
         print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
     print(f"\nread bandwidth {bw / 1e9:.1f} GB/s with {a.threads} threads (the best of "
-          f"{', '.join(f'{b / 1e9:.1f}' for b in bws)}, measured before the rounds and after each engine); "
-          f"vs_llama_decode compares with llama.cpp "
+          f"{', '.join(f'{b / 1e9:.1f}' for b in bws)}, measured before the rounds and after each engine; "
+          f"roofline_pct sets each decode against the bandwidth sampled just before and after it, "
+          f"roofline_best_pct against the best sample); vs_llama_decode compares with llama.cpp "
           f"at the same bits per weight (else its fastest); vs_best_prefill with the fastest of llama.cpp and PyTorch."
           + (f" Multiply-add peaks on {a.threads} threads (the best of the measures before the rounds and after "
              f"each engine): "

@@ -248,6 +248,28 @@ def test_read_bandwidth_reads_any_size():
     assert _core.read_bandwidth((1 << 20) + 40, 1, 1) > 1e8
 
 
+def test_bench_bandwidth_sample_stays_out_of_peak_rss():
+    # bench.py samples the bandwidth inside an engine's process, around its decode; the sample's
+    # 256 MiB buffer must not count in the peak RSS that the benchmark reports for that engine. A fresh
+    # process, so that the peak is small before the sample.
+    import os
+    import subprocess
+    import sys
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench.py")
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('bench', sys.argv[1]); "
+            "b = importlib.util.module_from_spec(s); s.loader.exec_module(b); "
+            "p0 = b.peak_rss_bytes(); bw = b.bandwidth_now(1); "
+            "print(p0, b.peak_rss_bytes(), b._peak_rss_outside_samples, bw)")
+    out = subprocess.run([sys.executable, "-c", code, bench], capture_output=True, text=True, check=True).stdout
+    before, after, kept, bw = out.split()
+    if bw == "None":
+        pytest.skip("no /proc/self/clear_refs to reset the peak with")
+    assert float(bw) > 1e8
+    assert int(kept) >= int(before)  # the peak before the sample is kept for the report
+    assert int(after) < int(before) + (64 << 20), (before, after)  # and the buffer is not in it
+
+
 def test_multiply_add_peak_counts_each_instruction():
     # bench.py's prefill roofline: ops per second of the f32, bf16 and int8 instructions, whose
     # multiply-adds per instruction are 16, 32 and 64; refused without the AVX-512 kernels
