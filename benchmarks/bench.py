@@ -17,6 +17,11 @@ and prefill_peak_pct sets that against the peak of the instruction a prefill of 
 multiplies with on this CPU (vfmadd231ps for f32, vdpbf16ps for bf16, vpdpbusd for 8 and 4 bits;
 measured here on the same threads, AVX-512 only). Attention and the rest of a layer are in the time
 but not in the FLOPs, so no engine reaches 100%; AMX tiles, where they run, can pass it.
+
+After the rounds, each qwen2rt engine that has a llama.cpp engine of the same bits per weight in the
+run (bf16 / BF16, q8 / Q8_0, q4 and q4c / Q4_0) decodes against it once more, both loaded in one
+process and alternating blocks of 16 steps (--paired-blocks, 16 by default; 0 skips it): both see the
+same fast and slow periods of the host, so that ratio moves less than the one across processes.
 """
 
 from __future__ import annotations
@@ -88,9 +93,7 @@ def _timed_decode(out: dict, threads: int, decode) -> None:
     out["decode_bw_after"] = bandwidth_now(threads)
 
 
-def _run_qwen2rt(spec: dict) -> dict:
-    import numpy as np
-
+def _open_qwen2rt(spec: dict):
     import qwen2rt
 
     path, dtype = spec["model"], spec["dtype"]
@@ -98,9 +101,17 @@ def _run_qwen2rt(spec: dict) -> dict:
     if dtype.endswith("c"):  # "q4c": a model converted once by `qwen2rt convert`, loaded by mmap
         dtype = dtype[:-1]
         path = _converted(spec["gguf"], dtype)
+    return qwen2rt.Model(path, dtype=dtype, threads=spec["threads"], max_context=spec["max_context"],
+                         kv_dtype=kv_dtype or None)
+
+
+def _run_qwen2rt(spec: dict) -> dict:
+    import numpy as np
+
+    import qwen2rt
+
     t0 = time.perf_counter()
-    m = qwen2rt.Model(path, dtype=dtype, threads=spec["threads"], max_context=spec["max_context"],
-                      kv_dtype=kv_dtype or None)
+    m = _open_qwen2rt(spec)
     c = m.config
     out = {"load_s": time.perf_counter() - t0, "weight_bytes": m._core.weight_bytes,
            "isa": qwen2rt.system_info()["isa"],
@@ -295,7 +306,50 @@ def _run_llama(spec: dict) -> dict:
     return out
 
 
-RUNNERS = {"qwen2rt": _run_qwen2rt, "torch": _run_torch, "llama": _run_llama}
+def _run_paired_decode(spec: dict) -> dict:
+    """qwen2rt (spec["dtype"]) and llama.cpp (spec["llama_dtype"]) loaded in one process, decoding in
+    alternating blocks of spec["block"] greedy steps (qwen2rt first in even blocks, llama.cpp in odd
+    ones): both see the same mix of the host's fast and slow periods, which separate processes, run
+    tens of seconds apart, do not. Each continues its own sequence, restarted before the context fills."""
+    import llama_cpp
+    import numpy as np
+
+    m = _open_qwen2rt(spec)
+    llm = llama_cpp.Llama(model_path=_llama_file(spec["gguf"], spec["llama_dtype"]), n_ctx=spec["max_context"],
+                          n_threads=spec["threads"], n_threads_batch=spec["threads"], n_batch=512, verbose=False)
+    n_vocab = llm.n_vocab()
+    prompt = _prompt_ids(m.tokenize, 8)  # the same vocabulary: one tokenization for both
+    steps, room = spec["block"], spec["max_context"] - 8
+
+    state = {"logits": m.forward(prompt)}
+    llm.eval(prompt)
+
+    def ours() -> float:
+        if m.cache_len + steps > room:
+            m.reset()
+            state["logits"] = m.forward(prompt)
+        t = time.perf_counter()
+        for _ in range(steps):
+            state["logits"] = m.forward([int(np.argmax(state["logits"]))], start_pos=m.cache_len)
+        return time.perf_counter() - t
+
+    def theirs() -> float:
+        if llm.n_tokens + steps > room:
+            llm.reset()
+            llm.eval(prompt)
+        t = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))])
+        return time.perf_counter() - t
+
+    out = {"qwen2rt_s": [], "llama_s": []}
+    for b in range(spec["blocks"]):
+        for run in (ours, theirs) if b % 2 == 0 else (theirs, ours):
+            out["qwen2rt_s" if run is ours else "llama_s"].append(run())
+    return out
+
+
+RUNNERS = {"qwen2rt": _run_qwen2rt, "torch": _run_torch, "llama": _run_llama, "paired": _run_paired_decode}
 
 
 def peak_rss_bytes() -> int:
@@ -416,6 +470,8 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens")
     ap.add_argument("--contexts", default="", help="decode at these context lengths too, e.g. 2048,8192")
     ap.add_argument("--batches", default="", help="qwen2rt: aggregate decode tok/s at these batch sizes, e.g. 1,4,8")
+    ap.add_argument("--paired-blocks", type=int, default=16,
+                    help="decode ratios in one process: blocks of 16 steps each engine, alternating (0: none)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--png", default=None, help="write a chart here (needs matplotlib)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -468,6 +524,31 @@ def main() -> None:
             peaks = {k: max(v, peaks.get(k, 0.0)) for k, v in multiply_add_peaks(a.threads).items()}
             print(f"round {r + 1} {e}: done; read bandwidth {bws[-1] / 1e9:.1f} GB/s", file=sys.stderr)
     bw = max(bws)
+
+    # Decode ratios from one process per pair (_run_paired_decode): each qwen2rt engine against the
+    # llama.cpp engine of the same bits per weight, when both are in the run.
+    paired = {}
+    for e in engines if a.paired_blocks > 0 else []:
+        kind, dtype = e.split("-", 1)
+        bits = BITS.get(dtype)
+        twin = next((x for x in engines if x.startswith("llama-") and BITS.get(x.split("-", 1)[1]) == bits), None)
+        if kind != "qwen2rt" or "/" in dtype or twin is None:
+            continue
+        spec = dict(engine="paired", dtype=dtype, llama_dtype=twin.split("-", 1)[1], model=gguf, gguf=gguf,
+                    threads=a.threads, blocks=a.paired_blocks, block=16, max_context=1024)
+        p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if p.returncode != 0 or line is None:
+            print(f"paired decode {e} / {twin}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+            continue
+        res = json.loads(line[7:])
+        ours, theirs = res["qwen2rt_s"], res["llama_s"]
+        blocks = sorted(t / o for o, t in zip(ours, theirs))
+        paired[f"{e} / {twin}"] = {
+            "qwen2rt_tok_s": 16 * len(ours) / sum(ours), "llama_tok_s": 16 * len(theirs) / sum(theirs),
+            "ratio": sum(theirs) / sum(ours), "block_ratio_min": blocks[0],
+            "block_ratio_median": statistics.median(blocks), "block_ratio_max": blocks[-1], "raw": res}
+        print(f"paired decode {e} / {twin}: done", file=sys.stderr)
 
     rows = {}
     for e, runs in results.items():
@@ -541,9 +622,18 @@ def main() -> None:
           + (f" Multiply-add peaks on {a.threads} threads (the best of the measures before the rounds and after "
              f"each engine): "
              f"{', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items())} GFLOP/s." if peaks else ""))
+    if paired:
+        print(f"\nDecode in one process, {a.paired_blocks} alternating blocks of 16 steps each (the same host periods "
+              f"for both engines):\n")
+        print("| pair | qwen2rt tok/s | llama.cpp tok/s | ratio | block ratios min / median / max |")
+        print("|---|---|---|---|---|")
+        for name, r in paired.items():
+            print(f"| {name} | {r['qwen2rt_tok_s']:.1f} | {r['llama_tok_s']:.1f} | {r['ratio']:.2f} | "
+                  f"{r['block_ratio_min']:.2f} / {r['block_ratio_median']:.2f} / {r['block_ratio_max']:.2f} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": gguf, "threads": a.threads, "bandwidth_Bps": bw, "bandwidth_samples_Bps": bws,
+                       "paired_decode": paired,
                        "multiply_add_peaks_flops": peaks,
                        "weights_per_token": per_token,
                        "system": system_info(), "builds": builds, "rows": rows, "raw": results}, f, indent=2)
