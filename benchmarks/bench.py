@@ -19,9 +19,10 @@ measured here on the same threads, AVX-512 only). Attention and the rest of a la
 but not in the FLOPs, so no engine reaches 100%; AMX tiles, where they run, can pass it.
 
 After the rounds, each qwen2rt engine that has a llama.cpp engine of the same bits per weight in the
-run (bf16 / BF16, q8 / Q8_0, q4 and q4c / Q4_0) decodes against it once more, both loaded in one
-process and alternating blocks of 16 steps (--paired-blocks, 16 by default; 0 skips it): both see the
-same fast and slow periods of the host, so that ratio moves less than the one across processes.
+run (bf16 / BF16, q8 / Q8_0, q4 and q4c / Q4_0) decodes and prefills against it once more, both loaded
+in one process, alternating blocks of 16 decode steps and one prefill of the longest prompt
+(--paired-blocks, 16 by default; 0 skips it): both see the same fast and slow periods of the host, so
+those ratios move less than the ones across processes.
 """
 
 from __future__ import annotations
@@ -308,9 +309,10 @@ def _run_llama(spec: dict) -> dict:
 
 def _run_paired_decode(spec: dict) -> dict:
     """qwen2rt (spec["dtype"]) and llama.cpp (spec["llama_dtype"]) loaded in one process, decoding in
-    alternating blocks of spec["block"] greedy steps (qwen2rt first in even blocks, llama.cpp in odd
-    ones): both see the same mix of the host's fast and slow periods, which separate processes, run
-    tens of seconds apart, do not. Each continues its own sequence, restarted before the context fills."""
+    alternating blocks of spec["block"] greedy steps and one prefill of spec["prefill"] tokens (qwen2rt
+    first in even blocks, llama.cpp in odd ones): both see the same mix of the host's fast and slow
+    periods, which separate processes, run tens of seconds apart, do not. Each continues its own
+    sequence, restarted after a prefill and before the context fills."""
     import llama_cpp
     import numpy as np
 
@@ -342,10 +344,32 @@ def _run_paired_decode(spec: dict) -> dict:
             llm.eval([int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))])
         return time.perf_counter() - t
 
-    out = {"qwen2rt_s": [], "llama_s": []}
+    long_prompt = _prompt_ids(m.tokenize, spec["prefill"])
+
+    def ours_prefill() -> float:
+        m.reset()
+        t = time.perf_counter()
+        int(np.argmax(m.forward(long_prompt)))
+        elapsed = time.perf_counter() - t
+        m.reset()
+        state["logits"] = m.forward(prompt)
+        return elapsed
+
+    def theirs_prefill() -> float:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(long_prompt)
+        int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+        elapsed = time.perf_counter() - t
+        llm.reset()
+        llm.eval(prompt)
+        return elapsed
+
+    out = {"qwen2rt_s": [], "llama_s": [], "qwen2rt_prefill_s": [], "llama_prefill_s": []}
     for b in range(spec["blocks"]):
-        for run in (ours, theirs) if b % 2 == 0 else (theirs, ours):
-            out["qwen2rt_s" if run is ours else "llama_s"].append(run())
+        for who in ("qwen2rt", "llama") if b % 2 == 0 else ("llama", "qwen2rt"):
+            out[f"{who}_s"].append(ours() if who == "qwen2rt" else theirs())
+            out[f"{who}_prefill_s"].append(ours_prefill() if who == "qwen2rt" else theirs_prefill())
     return out
 
 
@@ -535,7 +559,8 @@ def main() -> None:
         if kind != "qwen2rt" or "/" in dtype or twin is None:
             continue
         spec = dict(engine="paired", dtype=dtype, llama_dtype=twin.split("-", 1)[1], model=gguf, gguf=gguf,
-                    threads=a.threads, blocks=a.paired_blocks, block=16, max_context=1024)
+                    threads=a.threads, blocks=a.paired_blocks, block=16, prefill=prompts[-1],
+                    max_context=max(1024, prompts[-1] + 64))
         p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if p.returncode != 0 or line is None:
@@ -544,10 +569,15 @@ def main() -> None:
         res = json.loads(line[7:])
         ours, theirs = res["qwen2rt_s"], res["llama_s"]
         blocks = sorted(t / o for o, t in zip(ours, theirs))
+        prefills = sorted(t / o for o, t in zip(res["qwen2rt_prefill_s"], res["llama_prefill_s"]))
         paired[f"{e} / {twin}"] = {
             "qwen2rt_tok_s": 16 * len(ours) / sum(ours), "llama_tok_s": 16 * len(theirs) / sum(theirs),
             "ratio": sum(theirs) / sum(ours), "block_ratio_min": blocks[0],
-            "block_ratio_median": statistics.median(blocks), "block_ratio_max": blocks[-1], "raw": res}
+            "block_ratio_median": statistics.median(blocks), "block_ratio_max": blocks[-1],
+            "prefill": prompts[-1], "qwen2rt_prefill_tok_s": prompts[-1] / statistics.median(res["qwen2rt_prefill_s"]),
+            "llama_prefill_tok_s": prompts[-1] / statistics.median(res["llama_prefill_s"]),
+            "prefill_ratio_median": statistics.median(prefills), "prefill_ratio_min": prefills[0],
+            "prefill_ratio_max": prefills[-1], "raw": res}
         print(f"paired decode {e} / {twin}: done", file=sys.stderr)
 
     rows = {}
@@ -623,13 +653,16 @@ def main() -> None:
              f"each engine): "
              f"{', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items())} GFLOP/s." if peaks else ""))
     if paired:
-        print(f"\nDecode in one process, {a.paired_blocks} alternating blocks of 16 steps each (the same host periods "
-              f"for both engines):\n")
-        print("| pair | qwen2rt tok/s | llama.cpp tok/s | ratio | block ratios min / median / max |")
-        print("|---|---|---|---|---|")
+        print(f"\nIn one process, {a.paired_blocks} alternating blocks of 16 decode steps and a {prompts[-1]}-token "
+              f"prefill each (the same host periods for both engines; prefill tok/s are medians):\n")
+        print("| pair | decode tok/s qwen2rt / llama.cpp | decode ratio | block ratios min / median / max "
+              "| prefill tok/s qwen2rt / llama.cpp | prefill ratio median (min-max) |")
+        print("|---|---|---|---|---|---|")
         for name, r in paired.items():
-            print(f"| {name} | {r['qwen2rt_tok_s']:.1f} | {r['llama_tok_s']:.1f} | {r['ratio']:.2f} | "
-                  f"{r['block_ratio_min']:.2f} / {r['block_ratio_median']:.2f} / {r['block_ratio_max']:.2f} |")
+            print(f"| {name} | {r['qwen2rt_tok_s']:.1f} / {r['llama_tok_s']:.1f} | {r['ratio']:.2f} | "
+                  f"{r['block_ratio_min']:.2f} / {r['block_ratio_median']:.2f} / {r['block_ratio_max']:.2f} | "
+                  f"{r['qwen2rt_prefill_tok_s']:.0f} / {r['llama_prefill_tok_s']:.0f} | "
+                  f"{r['prefill_ratio_median']:.2f} ({r['prefill_ratio_min']:.2f}-{r['prefill_ratio_max']:.2f}) |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": gguf, "threads": a.threads, "bandwidth_Bps": bw, "bandwidth_samples_Bps": bws,
