@@ -19,11 +19,10 @@
 // Activations are quantized once per input vector, per block of 32: int8 q, f32 scale, and the
 // block's sum of q.
 //
-// bf16 matrices are packed the same way, with no scales: groups of 8 rows, each group's blocks of
-// 32 columns one after another, a block its 8 rows' 32 values one row after another (512 bytes).
-// A decode tile of 8 rows then reads its group as one stream; reading 4 rows of a row-major matrix
-// at once, 4 streams, read 45 GB/s where a plain read got 57 (Zen 4, 2 threads, a 0.5B model's layer
-// matrices in 2 MiB pages), and the packed tiles 56.5.
+// bf16 matrices are packed in groups too, with no scales: groups of 32 rows, column pair by column
+// pair (kBf16Rows and bf16_group below). A decode tile reads its group as one stream; reading 4 rows
+// of a row-major matrix at once, 4 streams, read 45 GB/s where a plain read got 57 (Zen 4, 2 threads,
+// a 0.5B model's layer matrices in 2 MiB pages), and the earlier 8-row groups 56.5.
 #pragma once
 
 #include <cstddef>
