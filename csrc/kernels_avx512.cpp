@@ -137,19 +137,15 @@ static void matmul(const float* X, int ldx, int M, int K, const float* W, const 
     }
 }
 
-// A weight vector that two instructions use (shifted and masked, bf16; low and high nibbles, q4),
-// read once. Left to itself gcc 12 folds the load into both instructions (vpslld and vpandd, or
-// vpsrlw and vpandd, with a memory operand): two reads of the same 64 bytes. The empty asm makes the
-// loaded value opaque, so it has to stay in a register. One Zen 4 core, decode (one token): the bf16
-// kernel from L2 read 58 GB/s of weights with two reads and 85 with one, and the layer's matrices
-// (benchmarks/matmul_kernels.cpp, mostly from L3) ran at 73-82 G/s against 52-55; q4 at 218 against
-// 182-202. From DRAM a decode step gains less (bf16 0-2%): it waits on memory either way, but a
-// faster kernel leaves it more of the time to wait.
-static inline __m512i load_once(const void* p) {
-    __m512i v = _mm512_loadu_si512(p);
-    asm("" : "+v"(v));
-    return v;
-}
+// An empty asm that "changes" v, so that v is held in a register from here (as in the AVX2 kernels):
+// a weight vector that two instructions use (shifted and masked, bf16; low and high nibbles, q4) is
+// then read once. Left to itself gcc 12 folds the load into both instructions (vpslld and vpandd, or
+// vpsrlw and vpandd, with a memory operand): two reads of the same 64 bytes. One Zen 4 core, decode
+// (one token): the bf16 kernel from L2 read 58 GB/s of weights with two reads and 85 with one, and
+// the layer's matrices (benchmarks/matmul_kernels.cpp, mostly from L3) ran at 73-82 G/s against
+// 52-55; q4 at 218 against 182-202. From DRAM a decode step gains less (bf16 0-2%): it waits on
+// memory either way, but a faster kernel leaves it more of the time to wait.
+static inline void keep_in_register(__m512i& v) { asm("" : "+v"(v)); }
 
 // bf16 weights, decode: the packed groups (quant.h) put 32 rows' column pair in two 64-byte
 // vectors, a row a 32-bit lane. Shifting the lanes left by 16 gives the even column as f32, masking
@@ -168,7 +164,8 @@ static void bf16_decode_group(const float* x, int K, const uint32_t* g, int r0, 
     for (int p = 0; p < pairs; p++) {
         const __m512 xe = _mm512_set1_ps(x[2 * p]), xo = _mm512_set1_ps(x[2 * p + 1]);
         for (int v = 0; v < V; v++) {
-            const __m512i w = load_once(g + size_t(p) * kBf16Rows + r0 + 16 * v);
+            __m512i w = _mm512_loadu_si512(g + size_t(p) * kBf16Rows + r0 + 16 * v);
+            keep_in_register(w);
             even[v] = _mm512_fmadd_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), even[v]);
             odd[v] = _mm512_fmadd_ps(xo, _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask)), odd[v]);
         }
@@ -479,7 +476,8 @@ static inline void q_tile(const int8_t* xq, const float* xd, const int32_t* nzs,
             for (int c = 0; c < 4; c++) {
                 __m512i lo[NG], hi[NG];
                 for (int g = 0; g < NG; g++) {
-                    const __m512i v = load_once(blk + g * group_bytes + 32 + 64 * c);
+                    __m512i v = _mm512_loadu_si512(blk + g * group_bytes + 32 + 64 * c);
+                    keep_in_register(v);
                     lo[g] = _mm512_and_si512(v, low4);
                     hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 }
