@@ -254,6 +254,13 @@ def _llama_file(gguf_path: str, ftype: str) -> str:
     return out
 
 
+def _llama_argmax(llm) -> int:
+    """The argmax of the last evaluated token's logits (llama-cpp-python keeps no copy of them)."""
+    import numpy as np
+
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
+
 def _run_llama(spec: dict) -> dict:
     import llama_cpp
 
@@ -275,22 +282,15 @@ def _run_llama(spec: dict) -> dict:
     ids = _prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False),
                       max(spec["prompts"] + spec["contexts"] + [8]))
 
-    import numpy as np
-
-    n_vocab = llm.n_vocab()
-
-    def argmax_last() -> int:  # the last evaluated token's logits (llama-cpp-python keeps no copy)
-        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
-
     t = time.perf_counter()
     llm.eval(ids[:8])
-    argmax_last()
+    _llama_argmax(llm)
     out["first_s"] = time.perf_counter() - t
     for p in spec["prompts"]:
         llm.reset()
         t = time.perf_counter()
         llm.eval(ids[:p])
-        argmax_last()
+        _llama_argmax(llm)
         out[f"prefill_{p}_s"] = time.perf_counter() - t
 
     def decode(prefix: list[int], steps: int) -> float:
@@ -298,7 +298,7 @@ def _run_llama(spec: dict) -> dict:
         llm.eval(prefix)
         t = time.perf_counter()
         for _ in range(steps):
-            llm.eval([argmax_last()])
+            llm.eval([_llama_argmax(llm)])
         return time.perf_counter() - t
 
     _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"]))
@@ -319,7 +319,6 @@ def _run_paired_decode(spec: dict) -> dict:
     m = _open_qwen2rt(spec)
     llm = llama_cpp.Llama(model_path=_llama_file(spec["gguf"], spec["llama_dtype"]), n_ctx=spec["max_context"],
                           n_threads=spec["threads"], n_threads_batch=spec["threads"], n_batch=512, verbose=False)
-    n_vocab = llm.n_vocab()
     prompt = _prompt_ids(m.tokenize, 8)  # the same vocabulary: one tokenization for both
     steps, room = spec["block"], spec["max_context"] - 8
 
@@ -341,7 +340,7 @@ def _run_paired_decode(spec: dict) -> dict:
             llm.eval(prompt)
         t = time.perf_counter()
         for _ in range(steps):
-            llm.eval([int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))])
+            llm.eval([_llama_argmax(llm)])
         return time.perf_counter() - t
 
     long_prompt = _prompt_ids(m.tokenize, spec["prefill"])
@@ -359,7 +358,7 @@ def _run_paired_decode(spec: dict) -> dict:
         llm.reset()
         t = time.perf_counter()
         llm.eval(long_prompt)
-        int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+        _llama_argmax(llm)
         elapsed = time.perf_counter() - t
         llm.reset()
         llm.eval(prompt)
@@ -495,7 +494,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="", help="decode at these context lengths too, e.g. 2048,8192")
     ap.add_argument("--batches", default="", help="qwen2rt: aggregate decode tok/s at these batch sizes, e.g. 1,4,8")
     ap.add_argument("--paired-blocks", type=int, default=16,
-                    help="decode ratios in one process: blocks of 16 steps each engine, alternating (0: none)")
+                    help="decode and prefill ratios in one process: this many alternating blocks of 16 decode "
+                         "steps and one prefill, each engine (0: none)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--png", default=None, help="write a chart here (needs matplotlib)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -549,8 +549,8 @@ def main() -> None:
             print(f"round {r + 1} {e}: done; read bandwidth {bws[-1] / 1e9:.1f} GB/s", file=sys.stderr)
     bw = max(bws)
 
-    # Decode ratios from one process per pair (_run_paired_decode): each qwen2rt engine against the
-    # llama.cpp engine of the same bits per weight, when both are in the run.
+    # Decode and prefill ratios from one process per pair (_run_paired_decode): each qwen2rt engine
+    # against the llama.cpp engine of the same bits per weight, when both are in the run.
     paired = {}
     for e in engines if a.paired_blocks > 0 else []:
         kind, dtype = e.split("-", 1)
