@@ -94,6 +94,16 @@ def _timed_decode(out: dict, threads: int, decode) -> None:
     out["decode_bw_after"] = bandwidth_now(threads)
 
 
+def _qwen2rt_greedy(m, logits, steps: int):
+    """`steps` greedy decode steps of qwen2rt after `logits`: (seconds, the last logits)."""
+    import numpy as np
+
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits = m.forward([int(np.argmax(logits))], start_pos=m.cache_len)
+    return time.perf_counter() - t, logits
+
+
 def _open_qwen2rt(spec: dict):
     import qwen2rt
 
@@ -132,22 +142,13 @@ def _run_qwen2rt(spec: dict) -> dict:
         int(np.argmax(logits))
         out[f"prefill_{p}_s"] = time.perf_counter() - t
     # decode D tokens after a short prompt
-    def decode() -> float:
+    def decode(prefix: list[int], steps: int) -> float:
         m.reset()
-        logits = m.forward(ids[:8])
-        t = time.perf_counter()
-        for _ in range(spec["decode"]):
-            logits = m.forward([int(np.argmax(logits))], start_pos=m.cache_len)
-        return time.perf_counter() - t
+        return _qwen2rt_greedy(m, m.forward(prefix), steps)[0]
 
-    _timed_decode(out, spec["threads"], decode)
+    _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"]))
     for c in spec["contexts"]:
-        m.reset()
-        logits = m.forward(ids[:c])
-        t = time.perf_counter()
-        for _ in range(32):
-            logits = m.forward([int(np.argmax(logits))], start_pos=m.cache_len)
-        out[f"decode_at_{c}_s"] = (time.perf_counter() - t) / 32 * spec["decode"]
+        out[f"decode_at_{c}_s"] = decode(ids[:c], 32) / 32 * spec["decode"]
     for b in spec.get("batches", []):  # aggregate decode tokens/s of b sequences decoded together
         prompts = [ids[i * 8 : i * 8 + 8 + i] for i in range(b)]  # different lengths
         m.reset()
@@ -254,6 +255,14 @@ def _llama_file(gguf_path: str, ftype: str) -> str:
     return out
 
 
+def _llama_greedy(llm, steps: int) -> float:
+    """Seconds of `steps` greedy decode steps of llama.cpp after what it last evaluated."""
+    t = time.perf_counter()
+    for _ in range(steps):
+        llm.eval([_llama_argmax(llm)])
+    return time.perf_counter() - t
+
+
 def _llama_argmax(llm) -> int:
     """The argmax of the last evaluated token's logits (llama-cpp-python keeps no copy of them)."""
     import numpy as np
@@ -296,10 +305,7 @@ def _run_llama(spec: dict) -> dict:
     def decode(prefix: list[int], steps: int) -> float:
         llm.reset()
         llm.eval(prefix)
-        t = time.perf_counter()
-        for _ in range(steps):
-            llm.eval([_llama_argmax(llm)])
-        return time.perf_counter() - t
+        return _llama_greedy(llm, steps)
 
     _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"]))
     for c in spec["contexts"]:
@@ -329,19 +335,14 @@ def _run_paired_decode(spec: dict) -> dict:
         if m.cache_len + steps > room:
             m.reset()
             state["logits"] = m.forward(prompt)
-        t = time.perf_counter()
-        for _ in range(steps):
-            state["logits"] = m.forward([int(np.argmax(state["logits"]))], start_pos=m.cache_len)
-        return time.perf_counter() - t
+        elapsed, state["logits"] = _qwen2rt_greedy(m, state["logits"], steps)
+        return elapsed
 
     def theirs() -> float:
         if llm.n_tokens + steps > room:
             llm.reset()
             llm.eval(prompt)
-        t = time.perf_counter()
-        for _ in range(steps):
-            llm.eval([_llama_argmax(llm)])
-        return time.perf_counter() - t
+        return _llama_greedy(llm, steps)
 
     long_prompt = _prompt_ids(m.tokenize, spec["prefill"])
 
