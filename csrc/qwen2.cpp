@@ -82,9 +82,13 @@ struct MatmulInput {
 
     int blocks() const { return q_blocks(K); }
     // Quantizes row t (the caller splits rows across threads and syncs before the matmuls).
-    void quantize_row(const Kernels& Kn, int t) const {
-        const size_t B = size_t(blocks());
-        Kn.quantize_acts(x + size_t(t) * K, K, 1, K, q + size_t(t) * B * kQBlock, d + size_t(t) * B, s + size_t(t) * B);
+    void quantize_row(const Kernels& Kn, int t) const { quantize_cols(Kn, t, 0, K); }
+    // Quantizes columns [c0, c0 + len) of row t: whole blocks (c0 and len multiples of kQBlock, or
+    // the range ends the row), so the thread that wrote them can quantize them at once.
+    void quantize_cols(const Kernels& Kn, int t, int c0, int len) const {
+        const size_t B = size_t(blocks()), b0 = size_t(c0 / kQBlock);
+        Kn.quantize_acts(x + size_t(t) * K + c0, K, 1, len, q + (size_t(t) * B + b0) * kQBlock, d + size_t(t) * B + b0,
+                         s + size_t(t) * B + b0);
     }
     MatmulInput from_row(int r) const {
         const size_t B = size_t(blocks());
@@ -166,7 +170,11 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
     const size_t QD = size_t(cfg.num_heads) * cfg.head_dim, KVD = size_t(cfg.num_kv_heads) * cfg.head_dim;
     const size_t group = cfg.num_heads / cfg.num_kv_heads;
     s_.x = AlignedBuffer(C * H * 4);
-    s_.xn = AlignedBuffer(C * H * 4);
+    const size_t norm_rows = std::max(C, size_t(threads_) * kOwnNormRows);
+    s_.xn = AlignedBuffer(norm_rows * H * 4);
+    s_.xn_q = AlignedBuffer(norm_rows * size_t(q_blocks(int(H))) * kQBlock);
+    s_.xn_d = AlignedBuffer(norm_rows * size_t(q_blocks(int(H))) * 4);
+    s_.xn_s = AlignedBuffer(norm_rows * size_t(q_blocks(int(H))) * 4);
     s_.q = AlignedBuffer(C * QD * 4);
     s_.k = AlignedBuffer(C * KVD * 4);
     s_.v = AlignedBuffer(C * KVD * 4);
@@ -175,7 +183,7 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
     s_.gate = AlignedBuffer(C * I * 4);
     s_.up = AlignedBuffer(C * I * 4);
     s_.rope = AlignedBuffer(C * cfg.head_dim * 4);
-    const size_t widest = std::max({H, QD, I});  // the longest input row a matmul quantizes
+    const size_t widest = std::max(QD, I);  // the longer of the rows quantized into act_*
     s_.act_q = AlignedBuffer(C * size_t(q_blocks(int(widest))) * kQBlock);
     s_.act_d = AlignedBuffer(C * size_t(q_blocks(int(widest))) * 4);
     s_.act_s = AlignedBuffer(C * size_t(q_blocks(int(widest))) * 4);
@@ -712,14 +720,18 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
     // q/k/v rows are split in whole heads (a thread ropes its own heads) and whole 16-row groups
     // (the packed q8/q4 layouts start a thread's share on a group boundary).
     const int heads_align = std::lcm(D, kQRows);
-    float *x = f32(s_.x), *xn = f32(s_.xn), *q = f32(s_.q), *k = f32(s_.k), *v = f32(s_.v);
+    float *x = f32(s_.x), *q = f32(s_.q), *k = f32(s_.k), *v = f32(s_.v);
     float *att = f32(s_.att), *proj = f32(s_.proj), *gate = f32(s_.gate), *up = f32(s_.up), *rope = f32(s_.rope);
-    // Inputs of the matmuls; the int8 buffers are shared, each input quantized just before use.
+    // Inputs of the matmuls: the normed rows (xn) and, for q8 / q4 matrices, their int8 form; the
+    // attention output and the MLP's hidden rows share the other int8 buffers (act_*).
     int8_t* aq = s_.act_q.as<int8_t>();
     float* ad = s_.act_d.as<float>();
     int32_t* as = s_.act_s.as<int32_t>();
-    const MatmulInput in_x{xn, H, aq, ad, as}, in_att{att, QD, aq, ad, as}, in_h{gate, I, aq, ad, as};
+    const MatmulInput in_att{att, QD, aq, ad, as}, in_h{gate, I, aq, ad, as};
     auto quantized = [](const Matrix& m) { return is_quantized(m.dtype); };
+    // The thread that computes a head of the attention output quantizes it (for a q8 / q4 o_proj)
+    // when a head group is whole blocks of kQBlock; otherwise the team does it as a step of its own.
+    const bool att_blocks = (G * D) % kQBlock == 0;
     bool stop = false;
 
 #pragma omp parallel num_threads(threads_)
@@ -727,6 +739,33 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
         const Team team;
         const FlushSubnormals ftz;
         int a, b;
+
+        // The input of each block is x normed. A chunk of many rows is normed by the team, a share of
+        // rows each, into the shared buffers, and the team meets before the matmuls. A chunk of fewer
+        // rows than threads (a decode step) would leave threads idle and then waiting: every thread
+        // norms every row into buffers of its own, and goes on to its matmul rows at once.
+        const bool own_norm = n < team.nth && n <= kOwnNormRows;
+        const size_t first = own_norm ? size_t(team.tid) * kOwnNormRows : 0;  // this thread's rows
+        const size_t HB = size_t(q_blocks(H));
+        float* xn = f32(s_.xn) + first * H;
+        const MatmulInput in_x{xn, H, s_.xn_q.as<int8_t>() + first * HB * kQBlock, s_.xn_d.as<float>() + first * HB,
+                               s_.xn_s.as<int32_t>() + first * HB};
+        // The residual x += proj after o_proj and down_proj: with own_norm, each thread adds the
+        // columns it computed as soon as it has them; otherwise the norm step that follows adds each
+        // row as it norms it (add_proj), while the row is in L1.
+        auto add_residual_columns = [&](int a, int b) {
+            if (own_norm && a < b)
+                for (int t = 0; t < n; t++) K.add(x + size_t(t) * H + a, proj + size_t(t) * H + a, b - a);
+        };
+        auto norm_input = [&](const float* w, int r0, bool quantize, bool add_proj) {
+            const int step = own_norm ? 1 : team.nth;
+            for (int t = r0 + (own_norm ? 0 : team.tid); t < n; t += step) {
+                if (add_proj && !own_norm) K.add(x + size_t(t) * H, proj + size_t(t) * H, H);
+                K.rmsnorm(x + size_t(t) * H, w, eps, H, xn + size_t(t) * H);
+                if (quantize) in_x.quantize_row(K, t);
+            }
+            if (!own_norm) team.sync();
+        };
 
         // Token embeddings, and cos|sin of each position as transformers computes them in float32:
         // inv_freq = 1 / theta^(2i/D), angle = position * inv_freq.
@@ -746,12 +785,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             const LayerWeights& w = layers_[l];
 
             // --- self-attention ---
-            const bool q_qkv = quantized(w.q_proj) || quantized(w.k_proj) || quantized(w.v_proj);
-            for (int t = team.tid; t < n; t += team.nth) {
-                K.rmsnorm(x + size_t(t) * H, w.input_layernorm.data(), eps, H, xn + size_t(t) * H);
-                if (q_qkv) in_x.quantize_row(K, t);
-            }
-            team.sync();
+            norm_input(w.input_layernorm.data(), 0, quantized(w.q_proj) || quantized(w.k_proj) || quantized(w.v_proj), l > 0);
 
             // q, k, v projections with their biases; a thread owns whole heads, so it applies RoPE
             // to its own heads and writes its k and v heads into the cache without waiting.
@@ -773,6 +807,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             // Causal grouped-query attention: row t sees positions 0..pos[t] of its sequence. One
             // work item is a (KV head, row) pair and covers the G query heads that share the KV head;
             // with split-KV, a range of that row's keys.
+            const bool q_att = quantized(w.o_proj);
             float* scratch = f32(s_.scores) + size_t(team.tid) * attention_scratch_floats(G, max_context_, D);
             auto attend = [&](int h, int t, int k0, int k1, float* out, float* lse) {
                 const float* qt = q + size_t(t) * QD + size_t(h) * G * D;
@@ -792,6 +827,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
                 for (int item = team.tid; item < items; item += team.nth) {
                     const int h = item % c.num_kv_heads, t = item / c.num_kv_heads;
                     attend(h, t, 0, pos[t] + 1, att + size_t(t) * QD + size_t(h) * G * D, nullptr);
+                    if (q_att && att_blocks) in_att.quantize_cols(K, t, h * G * D, G * D);
                 }
             } else {
                 // Split-KV (a decode step on more threads than KV heads): item (h, t) becomes `splits`
@@ -821,46 +857,39 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
                             out[g * D + d] = acc / wsum;
                         }
                     }
+                    if (q_att && att_blocks) in_att.quantize_cols(K, t, h * G * D, G * D);
                 }
             }
             team.sync();
-
-            if (quantized(w.o_proj)) {
+            if (q_att && !att_blocks) {
                 for (int t = team.tid; t < n; t += team.nth) in_att.quantize_row(K, t);
                 team.sync();
             }
+
+            // o_proj, and the residual
             team.split(H, 16, a, b);
             matmul_rows(K, in_att, n, w.o_proj, nullptr, proj, H, a, b);
-            team.sync();
-
-            // residual, then the MLP's input norm
-            const bool q_mlp = quantized(w.gate_proj) || quantized(w.up_proj);
-            for (int t = team.tid; t < n; t += team.nth) {
-                K.add(x + size_t(t) * H, proj + size_t(t) * H, H);
-                K.rmsnorm(x + size_t(t) * H, w.post_attention_layernorm.data(), eps, H, xn + size_t(t) * H);
-                if (q_mlp) in_x.quantize_row(K, t);
-            }
+            add_residual_columns(a, b);
             team.sync();
 
             // --- MLP: down(silu(gate(x)) * up(x)); a thread's gate and up columns are its own, so
-            // it applies silu * up to them at once.
-            team.split(I, 16, a, b);
+            // it applies silu * up to them at once, and quantizes them (whole blocks) for down_proj.
+            norm_input(w.post_attention_layernorm.data(), 0, quantized(w.gate_proj) || quantized(w.up_proj), true);
+            const bool q_down = quantized(w.down_proj);
+            team.split(I, kQBlock, a, b);
             matmul_rows(K, in_x, n, w.gate_proj, nullptr, gate, I, a, b);
             matmul_rows(K, in_x, n, w.up_proj, nullptr, up, I, a, b);
             if (a < b)
-                for (int t = 0; t < n; t++)
+                for (int t = 0; t < n; t++) {
                     K.silu_mul(gate + size_t(t) * I + a, up + size_t(t) * I + a, b - a, gate + size_t(t) * I + a);
+                    if (q_down) in_h.quantize_cols(K, t, a, b - a);
+                }
             team.sync();
 
-            if (quantized(w.down_proj)) {
-                for (int t = team.tid; t < n; t += team.nth) in_h.quantize_row(K, t);
-                team.sync();
-            }
+            // down_proj, and the residual (the next norm step adds it where own_norm does not)
             team.split(H, 16, a, b);
             matmul_rows(K, in_h, n, w.down_proj, nullptr, proj, H, a, b);
-            team.sync();
-
-            for (int t = team.tid; t < n; t += team.nth) K.add(x + size_t(t) * H, proj + size_t(t) * H, H);
+            add_residual_columns(a, b);
             if (team.tid == 0 && interrupted && interrupted()) stop = true;
             team.sync();
             if (stop) break;
@@ -869,14 +898,9 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
         // --- final norm and lm_head, only for the rows whose logits were asked for ---
         if (!stop && logits) {
             const int r0 = all_logits ? 0 : n - 1;
-            const int nr = n - r0;
-            for (int t = r0 + team.tid; t < n; t += team.nth) {
-                K.rmsnorm(x + size_t(t) * H, norm_.data(), eps, H, xn + size_t(t) * H);
-                if (quantized(lm_head())) in_x.quantize_row(K, t);
-            }
-            team.sync();
+            norm_input(norm_.data(), r0, quantized(lm_head()), true);
             team.split(c.vocab_size, 16, a, b);
-            matmul_rows(K, in_x.from_row(r0), nr, lm_head(), nullptr, logits, c.vocab_size, a, b);
+            matmul_rows(K, in_x.from_row(r0), n - r0, lm_head(), nullptr, logits, c.vocab_size, a, b);
         }
     }
     if (stop) throw Interrupted();

@@ -161,6 +161,9 @@ class Qwen2Model {
 
     // Tokens a single pass processes at once; longer prompts go through in chunks of this size.
     static constexpr int kChunk = 256;
+    // A chunk of at most this many rows, and fewer than threads (a decode step), is normed by every
+    // thread for itself (forward_chunk).
+    static constexpr int kOwnNormRows = 4;
 
   private:
     // n rows (n <= kChunk): row t is token tokens[t] of sequence seq[t] at position pos[t].
@@ -206,13 +209,14 @@ class Qwen2Model {
     // Activations for one chunk, allocated once: the forward pass allocates nothing.
     struct Scratch {
         AlignedBuffer x;        // residual stream        [chunk, hidden]
-        AlignedBuffer xn;       // normed input of a block [chunk, hidden]
+        AlignedBuffer xn;       // normed input of a block [max(chunk, threads x kOwnNormRows), hidden]
+        AlignedBuffer xn_q, xn_d, xn_s;     // xn as int8 blocks (quant.h), for q8 / q4 matrices
         AlignedBuffer q, k, v;  // projections            [chunk, heads * head_dim]
         AlignedBuffer att;      // attention output       [chunk, heads * head_dim]
         AlignedBuffer proj;     // o_proj / down_proj out [chunk, hidden]
         AlignedBuffer gate, up; // MLP                    [chunk, intermediate]
         AlignedBuffer rope;     // cos | sin per position [chunk, head_dim]
-        AlignedBuffer act_q, act_d, act_s;  // a matmul input as int8 blocks (quant.h)
+        AlignedBuffer act_q, act_d, act_s;  // attention or MLP output as int8 blocks [chunk, ...]
         AlignedBuffer scores;   // attention scratch      [threads, attention_scratch_floats]
         AlignedBuffer att_part; // split-KV outputs and log-sum-exps of key ranges
     } s_;

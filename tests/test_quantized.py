@@ -77,6 +77,36 @@ def test_decode_equals_prefill(ckpt, dtype):
     np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=tol * np.abs(full).max())
 
 
+@pytest.fixture(scope="module", params=["gqa", "k256"])
+def shapes(request, tmp_path_factory):
+    """gqa's head groups (7 heads of 6) are not whole int8 blocks of 32; k256's (4 of 32) are."""
+    folder = tmp_path_factory.mktemp(f"threads-{request.param}")
+    make_checkpoint(folder, shape=request.param, seed=17, layers=2)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8", "q4"])
+def test_thread_counts_agree(shapes, dtype):
+    """A prompt, a decode step and a batch of three decode steps give the logits of one thread on
+    3 and 4 threads. On more threads than rows every thread norms the rows for itself and adds the
+    residual of the columns it computed; on fewer, the team shares the rows out. The attention
+    output and the MLP's hidden rows are quantized by the threads that made them."""
+    ids = np.random.default_rng(6).integers(0, 100, 20).tolist()
+    out = {}
+    for th in (1, 3, 4):
+        m = qwen2rt.Model(shapes, dtype=dtype, threads=th, kv_dtype="f32")
+        core = m._core
+        core.set_sequences(3)
+        rows = [m.forward(ids, all_logits=True)]
+        rows.append(m.forward([7], start_pos=len(ids))[None])  # 1 row
+        for s in (1, 2):
+            core.forward(np.array(ids[: 5 + s], np.int32), 0, False, s)
+        rows.append(core.decode_batch(np.array([8, 9, 10], np.int32), np.array([0, 1, 2], np.int32)))  # 3 rows
+        out[th] = np.concatenate(rows)
+    for th in (3, 4):
+        np.testing.assert_allclose(out[th], out[1], rtol=0, atol=1e-5 * np.abs(out[1]).max(), err_msg=f"{th} threads")
+
+
 @pytest.mark.parametrize("dtype", ["q8", "q4"])
 def test_isa_paths_agree(ckpt, dtype):
     from qwen2rt import _core
