@@ -340,6 +340,89 @@ def test_weights_mapped_asking_for_huge_pages(tmp_path):
     assert "hg" in _vm_flags(b.ctypes.data + 4096)
 
 
+def _cache_in_small_pages(path):
+    """Leaves a file's page cache in 4 KiB folios: written out, dropped, and read again 4 KiB at a
+    time with readahead off (as a reader that never asked for huge pages may leave it)."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for at in range(0, os.path.getsize(path), 4096):
+            os.pread(fd, 4096, at)
+    finally:
+        os.close(fd)
+
+
+def _large_folio_filesystem(path):
+    """ext4 and xfs cache files in large folios from Linux 6.16 on."""
+    import os
+
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    best, fs = "", None
+    with open("/proc/mounts") as f:
+        for line in f:
+            mount, kind = line.split()[1:3]
+            if os.path.realpath(path).startswith(mount) and len(mount) >= len(best):
+                best, fs = mount, kind
+    return fs in ("ext4", "xfs") and release >= (6, 16)
+
+
+def test_small_pages_read_again_as_huge_pages(tmp_path):
+    """Mapped weights that the page cache holds in 4 KiB folios are read again as 2 MiB pages
+    (a decode reads 4 KiB pages with a TLB miss and a stopped prefetcher each), and read the same."""
+    import mmap
+
+    from safetensors.numpy import save_file
+
+    from qwen2rt.safetensors_io import HUGE_PAGE, SafetensorsFile, small_page_ranges
+
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(__import__("os"), "posix_fadvise"):
+        pytest.skip("no madvise(MADV_HUGEPAGE) or posix_fadvise")
+    data = np.random.default_rng(0).standard_normal(3_000_000).astype(np.float32)  # 12 MB: 5 whole 2 MiB pieces
+    save_file({"w": data}, str(tmp_path / "t.safetensors"))
+    _cache_in_small_pages(tmp_path / "t.safetensors")
+    f = SafetensorsFile(tmp_path / "t.safetensors")
+    w = f.array("w")
+    np.testing.assert_array_equal(w, data)  # every page read in
+    before = small_page_ranges(f._mm)
+    if before is None:
+        pytest.skip("the kernel cannot tell a mapping's page sizes (PAGEMAP_SCAN, Linux 6.7+)")
+    small = sum(b - a for a, b in before)
+    assert small > 0
+    assert f.remap_small_pages()[0] == small
+    np.testing.assert_array_equal(w, data)
+    after = sum(b - a for a, b in small_page_ranges(f._mm))
+    if _large_folio_filesystem(tmp_path):
+        assert after < HUGE_PAGE  # the partial piece at the end of the file stays small
+    assert after <= small
+
+
+def test_small_pages_probe_stops_where_they_stay_small(tmp_path, monkeypatch):
+    """Where the first 2 MiB piece read again comes back in 4 KiB pages (a filesystem without large
+    folios), the other pieces are left as they are: no machine reads its weights again at every load."""
+    import os
+
+    from safetensors.numpy import save_file
+
+    from qwen2rt import safetensors_io
+    from qwen2rt.safetensors_io import HUGE_PAGE, SafetensorsFile
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise")
+    save_file({"w": np.ones(3_000_000, np.float32)}, str(tmp_path / "t.safetensors"))
+    f = SafetensorsFile(tmp_path / "t.safetensors")
+    monkeypatch.setattr(safetensors_io, "_address", lambda mm: 64 * HUGE_PAGE)  # as if 2 MiB aligned
+    monkeypatch.setattr(safetensors_io, "small_page_ranges", lambda mm, begin=0, end=None: [(begin, end or len(mm))])
+    dropped = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, advice: dropped.append((at, n)))
+    assert f.remap_small_pages() == (len(f._mm), len(f._mm))
+    assert dropped == [(0, HUGE_PAGE)]
+    np.testing.assert_array_equal(f.array("w"), 1)
+
+
 def _rss_file_kb():
     try:
         with open("/proc/self/status") as f:

@@ -173,6 +173,21 @@ class HFCheckpoint:
         f = self.converted.file if self.converted is not None else self.files[name]
         return f.file_range(name)
 
+    def remap_small_pages(self) -> tuple[int, int] | None:
+        """The weights this process maps (borrowed at load), where cached in 4 KiB pages, read again as
+        2 MiB ones: bytes in 4 KiB pages before and after, over every file (safetensors_io)."""
+        if self.converted is not None:
+            files = [self.converted.file]
+        else:
+            files = list({id(f): f for f in self.files.values()}.values())  # shards, each once
+        before = after = 0
+        for f in files:
+            r = f.remap_small_pages()
+            if r is None:
+                return None
+            before, after = before + r[0], after + r[1]
+        return before, after
+
     def tensors(self, threads: int = 1) -> Iterator[tuple[str, np.ndarray, str, list[int]]]:
         if self.converted is not None:
             yield from self.converted.tensors()

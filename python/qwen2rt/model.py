@@ -178,6 +178,9 @@ class Model:
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise FormatError(f"{path}: weights missing: {', '.join(missing[:3])}{more}")
+        # The weights left mapped (every page of them read by set_tensor's check) in 2 MiB pages
+        # (bytes in 4 KiB pages before and after; None where the OS cannot tell)
+        self._small_pages = ckpt.remap_small_pages() if hasattr(ckpt, "remap_small_pages") else None
         self._sampler = _core.Sampler()
         self._eos: frozenset[int] | None = None
         # Held by a forward/reset call or by a whole generation (a stream holds it until it ends or

@@ -6,6 +6,7 @@ their bit patterns, since numpy has no bfloat16.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -142,6 +143,10 @@ class SafetensorsFile:
         """The file that holds a tensor, and the offset of its first byte there."""
         return self.path, self.data_start + self.tensors[name].begin
 
+    def remap_small_pages(self) -> tuple[int, int] | None:
+        """Its resident pages held in 4 KiB pieces read again as 2 MiB ones (see remap_small_pages)."""
+        return remap_small_pages(self._mm, self.path) if self._mm is not None else None
+
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view of the mapped file (bf16 as uint16 bits)."""
         t = self.tensors[name]
@@ -163,7 +168,7 @@ def map_weights(f) -> mmap.mmap:
     and xfs on Linux 6.16+), pages read after this advice come in 2 MiB folios that map as huge pages
     (a converted q4 0.5B model: 328 of its 331 resident MB). On a Zen 4 it then decoded 6-16% faster
     than with 188 MB of it in huge pages. Pages already cached in small folios (by a reader that did not
-    ask) stay small: there is no way to merge them short of reading the file again. `qwen2rt convert`
+    ask) stay small: Model() reads those again once loaded (remap_small_pages). `qwen2rt convert`
     writes in whole 2 MiB pieces, which the page cache keeps as 2 MiB folios."""
     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
@@ -191,3 +196,108 @@ def evict_pages(mm: mmap.mmap, begin: int, end: int) -> None:
                 pass
         mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
+
+
+# --- pages of a mapping: 2 MiB or 4 KiB -----------------------------------------------------------
+
+HUGE_PAGE = 2 << 20
+
+
+class _PmScanArg(ctypes.Structure):  # struct pm_scan_arg, linux/fs.h
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in "size flags start end walk_end vec vec_len max_pages category_inverted category_mask "
+        "category_anyof_mask return_mask".split()
+    ]
+
+
+class _PageRegion(ctypes.Structure):  # struct page_region
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_PmScanArg) << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, ...)
+_PAGE_IS_PRESENT, _PAGE_IS_HUGE = 1 << 3, 1 << 6
+
+
+def _address(mm: mmap.mmap) -> int:
+    view = np.frombuffer(mm, dtype=np.uint8, count=1)
+    try:
+        return int(view.ctypes.data)
+    finally:
+        del view  # an exported buffer would keep the mapping from being closed
+
+
+def small_page_ranges(mm: mmap.mmap, begin: int = 0, end: int | None = None) -> list[tuple[int, int]] | None:
+    """Offsets [a, b) in `mm` of the resident pages of [begin, end) that this process maps 4 KiB at
+    a time rather than as 2 MiB pages; None where the kernel cannot tell (PAGEMAP_SCAN, Linux 6.7+,
+    is missing or refused). Unprivileged: it reads page table flags, not physical addresses."""
+    import fcntl
+
+    end = len(mm) if end is None else end
+    base = _address(mm)
+    out: list[tuple[int, int]] = []
+    vec = (_PageRegion * 256)()
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        start = base + begin
+        while start < base + end:
+            arg = _PmScanArg(
+                size=ctypes.sizeof(_PmScanArg), start=start, end=base + end, vec=ctypes.addressof(vec),
+                vec_len=len(vec), category_inverted=_PAGE_IS_HUGE,
+                category_mask=_PAGE_IS_PRESENT | _PAGE_IS_HUGE, return_mask=_PAGE_IS_PRESENT | _PAGE_IS_HUGE,
+            )  # fmt: skip
+            try:
+                n = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg)
+            except OSError:
+                return None
+            out += [(vec[i].start - base, vec[i].end - base) for i in range(n)]
+            if n < len(vec) or arg.walk_end >= base + end:
+                break
+            start = arg.walk_end
+    finally:
+        os.close(fd)
+    return out
+
+
+def remap_small_pages(mm: mmap.mmap, path: str) -> tuple[int, int] | None:
+    """Reads again, as 2 MiB pages, the resident pages of a weights mapping (map_weights) that the
+    page cache holds in 4 KiB folios. Returns the bytes of it in 4 KiB pages before and after, or
+    None where the kernel cannot tell.
+
+    A file read before without the huge-page advice (copied, hashed, written in small pieces) stays
+    cached in 4 KiB folios, and every process that maps it then reads those weights 4 KiB at a time:
+    a TLB miss, and the hardware prefetcher stopped, every 4 KiB. On the Zen 4 here, 12 MB of the
+    first half of a converted q4 0.5B's lm_head in such pages made the thread reading that half 0.5-0.8
+    ms a token slower than the other, which waited for it (5-7% of a decode step). Such 2 MiB pieces
+    are dropped from this mapping and from the page cache (clean pages: the file is unchanged) and read
+    again through the mapping, which the kernel then fills with 2 MiB folios; from then on every
+    process maps them as huge pages. The first piece is a probe: where it comes back small again (a
+    filesystem without large folios, or pages another process keeps mapped) nothing more is tried,
+    so that such a machine does not read the file again at every load."""
+    ranges = small_page_ranges(mm)
+    if ranges is None:
+        return None
+    before = sum(b - a for a, b in ranges)
+    if _address(mm) % HUGE_PAGE:
+        return before, before  # a mapping that does not start on a 2 MiB boundary has no huge pages
+    # whole 2 MiB pieces (a piece past the end of the file is never a huge page)
+    pieces = sorted({p for a, b in ranges for p in range(a // HUGE_PAGE, -(-b // HUGE_PAGE))})
+    pieces = [p for p in pieces if (p + 1) * HUGE_PAGE <= len(mm)]
+    if not pieces:
+        return before, before
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i, p in enumerate(pieces):
+            o0 = p * HUGE_PAGE
+            mm.madvise(mmap.MADV_DONTNEED, o0, HUGE_PAGE)
+            os.posix_fadvise(fd, o0, HUGE_PAGE, os.POSIX_FADV_DONTNEED)
+            _ = int(np.frombuffer(mm, dtype=np.uint8, count=HUGE_PAGE, offset=o0)[::4096].max())  # read in again
+            if i == 0 and small_page_ranges(mm, o0, o0 + HUGE_PAGE):
+                break  # the probe came back small: this filesystem or another process keeps them so
+    finally:
+        os.close(fd)
+    after = small_page_ranges(mm)
+    return before, (before if after is None else sum(b - a for a, b in after))
