@@ -753,9 +753,9 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
         // The residual x += proj after o_proj and down_proj: with own_norm, each thread adds the
         // columns it computed as soon as it has them; otherwise the norm step that follows adds each
         // row as it norms it (add_proj), while the row is in L1.
-        auto add_residual_columns = [&](int a, int b) {
-            if (own_norm && a < b)
-                for (int t = 0; t < n; t++) K.add(x + size_t(t) * H + a, proj + size_t(t) * H + a, b - a);
+        auto add_residual_columns = [&](int c0, int c1) {
+            if (own_norm && c0 < c1)
+                for (int t = 0; t < n; t++) K.add(x + size_t(t) * H + c0, proj + size_t(t) * H + c0, c1 - c0);
         };
         auto norm_input = [&](const float* w, int r0, bool quantize, bool add_proj) {
             const int step = own_norm ? 1 : team.nth;

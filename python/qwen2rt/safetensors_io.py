@@ -99,9 +99,12 @@ class SafetensorsFile:
                 + (" (file truncated?)" if pos > data_size else "")
             )
         self._mm: mmap.mmap | None = None
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the mapped file
         if data_size > 0:
             with open(self.path, "rb") as f:
                 self._mm = map_weights(f)
+                st = os.fstat(f.fileno())
+                self._file_id = (st.st_dev, st.st_ino)
 
     def _check_entry(self, name: str, info: object) -> TensorInfo:
         where = f"{self.path}: tensor {name!r}"
@@ -145,7 +148,7 @@ class SafetensorsFile:
 
     def remap_small_pages(self) -> tuple[int, int] | None:
         """Its resident pages held in 4 KiB pieces read again as 2 MiB ones (see remap_small_pages)."""
-        return remap_small_pages(self._mm, self.path) if self._mm is not None else None
+        return remap_small_pages(self._mm, self.path, self._file_id) if self._mm is not None else None
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view of the mapped file (bf16 as uint16 bits)."""
@@ -231,7 +234,10 @@ def small_page_ranges(mm: mmap.mmap, begin: int = 0, end: int | None = None) -> 
     """Offsets [a, b) in `mm` of the resident pages of [begin, end) that this process maps 4 KiB at
     a time rather than as 2 MiB pages; None where the kernel cannot tell (PAGEMAP_SCAN, Linux 6.7+,
     is missing or refused). Unprivileged: it reads page table flags, not physical addresses."""
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
 
     end = len(mm) if end is None else end
     base = _address(mm)
@@ -262,10 +268,11 @@ def small_page_ranges(mm: mmap.mmap, begin: int = 0, end: int | None = None) -> 
     return out
 
 
-def remap_small_pages(mm: mmap.mmap, path: str) -> tuple[int, int] | None:
+def remap_small_pages(mm: mmap.mmap, path: str, file_id: tuple[int, int] | None = None) -> tuple[int, int] | None:
     """Reads again, as 2 MiB pages, the resident pages of a weights mapping (map_weights) that the
     page cache holds in 4 KiB folios. Returns the bytes of it in 4 KiB pages before and after, or
-    None where the kernel cannot tell.
+    None where the kernel cannot tell. file_id: (device, inode) of the file mapped, if `path` may
+    since name another one (nothing is done then).
 
     A file read before without the huge-page advice (copied, hashed, written in small pieces) stays
     cached in 4 KiB folios, and every process that maps it then reads those weights 4 KiB at a time:
@@ -278,7 +285,7 @@ def remap_small_pages(mm: mmap.mmap, path: str) -> tuple[int, int] | None:
     filesystem without large folios, or pages another process keeps mapped) nothing more is tried,
     so that such a machine does not read the file again at every load."""
     ranges = small_page_ranges(mm)
-    if ranges is None:
+    if ranges is None or not hasattr(os, "posix_fadvise"):
         return None
     before = sum(b - a for a, b in ranges)
     if _address(mm) % HUGE_PAGE:
@@ -288,12 +295,22 @@ def remap_small_pages(mm: mmap.mmap, path: str) -> tuple[int, int] | None:
     pieces = [p for p in pieces if (p + 1) * HUGE_PAGE <= len(mm)]
     if not pieces:
         return before, before
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # the file is gone or renamed since it was mapped: the mapping still reads it
+        return before, before
+    st = os.fstat(fd)
+    if file_id is not None and (st.st_dev, st.st_ino) != file_id:
+        os.close(fd)
+        return before, before
     try:
         for i, p in enumerate(pieces):
             o0 = p * HUGE_PAGE
-            mm.madvise(mmap.MADV_DONTNEED, o0, HUGE_PAGE)
-            os.posix_fadvise(fd, o0, HUGE_PAGE, os.POSIX_FADV_DONTNEED)
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, o0, HUGE_PAGE)
+                os.posix_fadvise(fd, o0, HUGE_PAGE, os.POSIX_FADV_DONTNEED)
+            except OSError:  # advice only
+                break
             _ = int(np.frombuffer(mm, dtype=np.uint8, count=HUGE_PAGE, offset=o0)[::4096].max())  # read in again
             if i == 0 and small_page_ranges(mm, o0, o0 + HUGE_PAGE):
                 break  # the probe came back small: this filesystem or another process keeps them so
