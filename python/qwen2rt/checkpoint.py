@@ -346,6 +346,11 @@ class GGUFCheckpoint:
         """Drop a tensor's mapped pages from resident memory (see SafetensorsFile.evict)."""
         self.file.evict(self.names[name])
 
+    def remap_small_pages(self) -> None:
+        """Nothing to do: a GGUF model's weights are made at load, and an untied embedding left in the
+        file is read a row at a time (pread), not through the mapping."""
+        return None
+
     def file_range(self, name: str) -> tuple[str, int]:
         """The file that holds a tensor, and the offset of its first byte there."""
         return self.file.file_range(self.names[name])

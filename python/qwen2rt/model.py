@@ -180,7 +180,7 @@ class Model:
             raise FormatError(f"{path}: weights missing: {', '.join(missing[:3])}{more}")
         # The weights left mapped (every page of them read by set_tensor's check) in 2 MiB pages
         # (bytes in 4 KiB pages before and after; None where the OS cannot tell)
-        self._small_pages = ckpt.remap_small_pages() if hasattr(ckpt, "remap_small_pages") else None
+        self._small_pages = ckpt.remap_small_pages()
         self._sampler = _core.Sampler()
         self._eos: frozenset[int] | None = None
         # Held by a forward/reset call or by a whole generation (a stream holds it until it ends or
