@@ -374,12 +374,13 @@ def test_small_pages_read_again_as_huge_pages(tmp_path):
     """Mapped weights that the page cache holds in 4 KiB folios are read again as 2 MiB pages
     (a decode reads 4 KiB pages with a TLB miss and a stopped prefetcher each), and read the same."""
     import mmap
+    import os
 
     from safetensors.numpy import save_file
 
     from qwen2rt.safetensors_io import HUGE_PAGE, SafetensorsFile, small_page_ranges
 
-    if not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(__import__("os"), "posix_fadvise"):
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(os, "posix_fadvise"):
         pytest.skip("no madvise(MADV_HUGEPAGE) or posix_fadvise")
     data = np.random.default_rng(0).standard_normal(3_000_000).astype(np.float32)  # 12 MB: 5 whole 2 MiB pieces
     save_file({"w": data}, str(tmp_path / "t.safetensors"))
