@@ -88,6 +88,10 @@ struct Kernels {
                       const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
     void (*matmul_q4)(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
                       const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
+    // true: matmul_q8 / matmul_q4 rearrange all of a prompt's tokens at every call (AMX rounds them
+    // to bf16), so a thread takes its rows of a prompt's q8 / q4 matrix in one call, never in the
+    // many small units claimed as it goes (forward_chunk), which would rearrange them each time.
+    bool q_prompt_repacks_tokens = false;
 };
 
 // The cache holds keys transposed in blocks of kKeyBlock positions: [t / 8][head_dim][t % 8]. The

@@ -357,6 +357,7 @@ struct TiledMatmuls {
         k.matmul_bf16 = bf16;
         k.matmul_q8 = q8;
         k.matmul_q4 = q4;
+        k.q_prompt_repacks_tokens = true;
         return k;
     }
 };

@@ -1,8 +1,10 @@
 // The Qwen2 decoder: configuration, weights, KV cache and the forward pass.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -164,6 +166,9 @@ class Qwen2Model {
     // A chunk of at most this many rows, and fewer than threads (a decode step), is normed by every
     // thread for itself (forward_chunk).
     static constexpr int kOwnNormRows = 4;
+    // A chunk of at least this many rows (a prompt: compute-bound) shares the rows of its q8 / q4
+    // matrices out as the threads claim them; a smaller one keeps one contiguous share per thread.
+    static constexpr int kClaimRows = 16;
 
   private:
     // n rows (n <= kChunk): row t is token tokens[t] of sequence seq[t] at position pos[t].
@@ -219,7 +224,10 @@ class Qwen2Model {
         AlignedBuffer act_q, act_d, act_s;  // attention or MLP output as int8 blocks [chunk, ...]
         AlignedBuffer scores;   // attention scratch      [threads, attention_scratch_floats]
         AlignedBuffer att_part; // split-KV outputs and log-sum-exps of key ranges
+        // [layers x kClaimSteps]: the next unclaimed unit of each step's rows (forward_chunk)
+        std::unique_ptr<std::atomic<int>[]> next_unit;
     } s_;
+    static constexpr int kClaimSteps = 4;  // q/k/v, o_proj, gate/up, down_proj
 };
 
 }  // namespace qwen2rt

@@ -90,7 +90,8 @@ def test_thread_counts_agree(shapes, dtype):
     """A prompt, a decode step and a batch of three decode steps give the logits of one thread on
     3 and 4 threads. On more threads than rows every thread norms the rows for itself and adds the
     residual of the columns it computed; on fewer, the team shares the rows out. The attention
-    output and the MLP's hidden rows are quantized by the threads that made them."""
+    output and the MLP's hidden rows are quantized by the threads that made them. The prompt's 20
+    rows are enough (kClaimRows) for its q8 / q4 matrices' rows to go out in claimed units."""
     ids = np.random.default_rng(6).integers(0, 100, 20).tolist()
     out = {}
     for th in (1, 3, 4):
