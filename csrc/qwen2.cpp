@@ -755,7 +755,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
     // them: q/k/v in whole heads, the others in units of 32 rows (whole q8 / q4 row groups, and whole
     // kQBlock columns of the MLP's hidden rows). In fixed shares the barriers after them waited 3-7%
     // of a prompt's time (two Zen 4 cores under a shared host run at unequal speeds); claimed, 512
-    // tokens of Qwen2.5-0.5B ran 2-4% (q4) and 7% (q8) faster (one process, alternating). Not for
+    // tokens of Qwen2.5-0.5B ran 2-4% (q4) and 4-7% (q8) faster (one process, alternating). Not for
     // the bf16 / f32 panel products, nor where the q8 / q4 kernels repack the tokens per call (AMX):
     // each call would rearrange all of the chunk's tokens again.
     const bool claiming = n >= kClaimRows && !K.q_prompt_repacks_tokens;
