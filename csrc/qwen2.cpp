@@ -761,7 +761,8 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
     const bool claiming = n >= kClaimRows && !K.q_prompt_repacks_tokens;
     constexpr int kClaimUnit = 32;
     std::atomic<int>* next_unit = s_.next_unit.get();
-    for (int i = 0; i < c.num_layers * kClaimSteps; i++) next_unit[i].store(0, std::memory_order_relaxed);
+    if (claiming)
+        for (int i = 0; i < c.num_layers * kClaimSteps; i++) next_unit[i].store(0, std::memory_order_relaxed);
     bool stop = false;
 
 #pragma omp parallel num_threads(threads_)

@@ -200,7 +200,6 @@ def evict_pages(mm: mmap.mmap, begin: int, end: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
-
 # --- pages of a mapping: 2 MiB or 4 KiB -----------------------------------------------------------
 
 HUGE_PAGE = 2 << 20
