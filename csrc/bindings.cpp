@@ -182,6 +182,17 @@ struct PyModel {
     }
 };
 
+// A [N, K] matrix of bf16 bit patterns, row-major, packed as the model packs its bf16 weights.
+std::vector<uint16_t> packed_bf16(py::array W) {
+    auto w = W.cast<py::array_t<uint16_t, py::array::c_style | py::array::forcecast>>();
+    const int N = int(w.shape(0)), Kd = int(w.shape(1));
+    std::vector<float> wf(size_t(N) * size_t(Kd));
+    for (size_t i = 0; i < wf.size(); i++) wf[i] = bf16_to_f32(w.data()[i]);
+    std::vector<uint16_t> packed(bf16_bytes(N, Kd) / 2);
+    pack_bf16(wf.data(), N, Kd, size_t(Kd), packed.data(), 1);
+    return packed;
+}
+
 py::array_t<float> kernel_matmul(const std::string& isa, py::array_t<float, py::array::c_style | py::array::forcecast> X,
                                  py::array W, py::object bias, int n0, int n1) {
     const Kernels* K = find_kernels(isa);
@@ -203,11 +214,7 @@ py::array_t<float> kernel_matmul(const std::string& isa, py::array_t<float, py::
         auto w = W.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
         K->matmul_f32(X.data(), Kd, M, Kd, w.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, n0, n1);
     } else if (py::isinstance<py::array_t<uint16_t>>(W)) {  // bf16 bit patterns, row-major: packed first
-        auto w = W.cast<py::array_t<uint16_t, py::array::c_style | py::array::forcecast>>();
-        std::vector<float> wf(size_t(N) * size_t(Kd));
-        for (size_t i = 0; i < wf.size(); i++) wf[i] = bf16_to_f32(w.data()[i]);
-        std::vector<uint16_t> packed(bf16_bytes(N, Kd) / 2);
-        pack_bf16(wf.data(), N, Kd, size_t(Kd), packed.data(), 1);
+        const std::vector<uint16_t> packed = packed_bf16(W);
         K->matmul_bf16(X.data(), Kd, M, Kd, packed.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(), N, n0, n1);
     } else {
         throw InvalidArgument("matmul: W must be float32 or uint16 (bf16 bits)");
@@ -573,6 +580,26 @@ PYBIND11_MODULE(_core, m) {
         K.silu_mul(g.data(), u.data(), int(g.shape(0)), y.mutable_data());
         return y;
     });
+    k.def(
+        "matmul_bf16_swiglu",
+        [](const std::string& isa, F32Array X, py::array_t<uint16_t> gate, py::array_t<uint16_t> up, int n0, int n1) {
+            const Kernels& K = kernels_or_throw(isa);
+            if (!K.matmul_bf16_swiglu) throw InvalidArgument("ISA '" + isa + "' has no fused bf16 swiglu kernel");
+            if (X.ndim() != 2 || gate.ndim() != 2 || up.ndim() != 2 || gate.shape(1) != X.shape(1) ||
+                up.shape(0) != gate.shape(0) || up.shape(1) != X.shape(1))
+                throw InvalidArgument("matmul_bf16_swiglu: X [M,K], gate and up [N,K]");
+            const int M = int(X.shape(0)), Kd = int(X.shape(1)), N = int(gate.shape(0));
+            if (n1 < 0) n1 = N;
+            if (n0 < 0 || n0 % 16 || n1 > N || n0 > n1)
+                throw InvalidArgument("matmul_bf16_swiglu: rows [n0, n1) must lie in [0, N) with n0 a multiple of 16");
+            const std::vector<uint16_t> g = packed_bf16(gate), u = packed_bf16(up);
+            py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
+            std::fill(Y.mutable_data(), Y.mutable_data() + size_t(M) * size_t(N), 0.f);
+            K.matmul_bf16_swiglu(X.data(), Kd, M, Kd, g.data(), u.data(), Y.mutable_data(), N, n0, n1);
+            return Y;
+        },
+        py::arg("isa"), py::arg("X"), py::arg("gate"), py::arg("up"), py::arg("n0") = 0, py::arg("n1") = -1);
+    k.def("has_bf16_swiglu", [](const std::string& isa) { return kernels_or_throw(isa).matmul_bf16_swiglu != nullptr; });
     k.def(
         "attention_seconds",
         [](const std::string& isa, int G, int D, int T, const std::string& kv, int caches, int threads, int reps) {

@@ -92,6 +92,12 @@ struct Kernels {
     // to bf16), so a thread takes its rows of a prompt's q8 / q4 matrix in one call, never in the
     // many small units claimed as it goes (forward_chunk), which would rearrange them each time.
     bool q_prompt_repacks_tokens = false;
+    // The MLP's two bf16 products and silu_mul in one: Y[m*ldy + n] = silu(x_m . Wgate[n]) * (x_m . Wup[n])
+    // for n0 <= n < n1, gate and up packed as matmul_bf16's W, with the same sums. Where a table has
+    // none (nullptr), the caller runs matmul_bf16 twice and silu_mul: the AVX-512 prompt kernel fuses
+    // them; the tile backends (AMX) have their own bf16 products.
+    void (*matmul_bf16_swiglu)(const float* X, int ldx, int M, int K, const uint16_t* Wgate, const uint16_t* Wup,
+                               float* Y, int ldy, int n0, int n1) = nullptr;
 };
 
 // The cache holds keys transposed in blocks of kKeyBlock positions: [t / 8][head_dim][t % 8]. The

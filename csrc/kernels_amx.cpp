@@ -358,6 +358,7 @@ struct TiledMatmuls {
         k.matmul_q8 = q8;
         k.matmul_q4 = q4;
         k.q_prompt_repacks_tokens = true;
+        k.matmul_bf16_swiglu = nullptr;  // the AVX-512 one would not run on the tiles
         return k;
     }
 };

@@ -200,6 +200,11 @@ static void bf16_decode_group(const float* x, int K, const uint32_t* g, int r0, 
 // were rearranged into panels per call; at 16 tokens 203, where those 8-row groups ran 4 x 4 tiles
 // of rows at 135. f32 at 512 tokens 100-104 of the FMA's 117.
 
+static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
+}
+
 constexpr int kPanelTokens = 12;
 constexpr int kPanelVecs = 2;  // 16 rows each
 constexpr int kPanelRows = 16 * kPanelVecs;
@@ -281,10 +286,11 @@ static void f32_rows_to_panel(const float* W, int K, int n, int n_end, uint32_t*
 
 // Y[t][j - r0] = bias[j - r0] + sum over the P units of the weight panel times the token panel (MT
 // tokens), for the panel's rows r0 <= j < r0 + rows (r0 0 or 16: a thread's share may start half
-// way into a group; the other half's sums are made and dropped).
+// way into a group; the other half's sums are made and dropped). With a gate tile (the same rows of
+// another product, kPanelRows apart per token), Y is silu(gate) times those sums instead.
 template <class U, int MT>
-static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, float* Y, int ldy, int r0,
-                       int rows) {
+static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, const float* gate, float* Y,
+                       int ldy, int r0, int rows) {
     __m512 acc[MT][kPanelVecs];
     for (int t = 0; t < MT; t++)
         for (int v = 0; v < kPanelVecs; v++) acc[t][v] = _mm512_setzero_ps();
@@ -299,11 +305,15 @@ static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const floa
         if (left <= 0) break;
         const __mmask16 m = left >= 16 ? __mmask16(0xffff) : tail_mask(left);
         const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + at) : _mm512_setzero_ps();
-        for (int t = 0; t < MT; t++) _mm512_mask_storeu_ps(Y + size_t(t) * ldy + at, m, _mm512_add_ps(acc[t][v], bv));
+        for (int t = 0; t < MT; t++) {
+            const __m512 y = _mm512_add_ps(acc[t][v], bv);
+            _mm512_mask_storeu_ps(Y + size_t(t) * ldy + at, m,
+                                  gate ? silu_mul16(_mm512_maskz_loadu_ps(m, gate + t * kPanelRows + at), y) : y);
+        }
     }
 }
 
-using PanelTileFn = void (*)(const uint32_t*, const uint32_t*, int, const float*, float*, int, int, int);
+using PanelTileFn = void (*)(const uint32_t*, const uint32_t*, int, const float*, const float*, float*, int, int, int);
 template <class U, int... MT>
 static PanelTileFn panel_tile_for(int mt, std::integer_sequence<int, MT...>) {
     static const PanelTileFn fns[] = {panel_tile<U, MT + 1>...};
@@ -311,14 +321,15 @@ static PanelTileFn panel_tile_for(int mt, std::integer_sequence<int, MT...>) {
 }
 
 // Y[:, n0:n1] for M tokens on panels. bf16: n0 a multiple of 16, the panels the packed groups
-// themselves; f32: each 32-row panel rearranged here. No software prefetch: asking for the next
+// themselves; f32: each 32-row panel rearranged here. With Wgate (bf16), Y = silu(X Wgate^T) * (X W^T)
+// (matmul_bf16_swiglu). No software prefetch: asking for the next
 // group into L2 a share per token panel (prefetcht1) had cost bf16 prompts 2% at 512 tokens, 3% at
 // 128, 8% at 64 and a quarter of their speed at 16 (one process, alternating, 12-16 rounds), where
 // the weights stream from memory and the hardware prefetcher already has them on the way; it did
 // nothing for f32 (within 1%).
 template <class U>
 static void matmul_panels(const float* X, int ldx, int M, int K, const typename U::Weight* W, const float* bias,
-                          float* Y, int ldy, int n0, int n1) {
+                          float* Y, int ldy, int n0, int n1, const uint16_t* Wgate = nullptr) {
     constexpr bool kBf16 = std::is_same_v<U, Bf16Pairs>;
     static thread_local ThreadScratch<uint32_t> token_panels, weight_panel;
     const int P = U::units(K);
@@ -337,10 +348,14 @@ static void matmul_panels(const float* X, int ldx, int M, int K, const typename 
             wp = bf16_group(W, K, n);
         else
             f32_rows_to_panel(W, K, n, n1, f32_panel);
+        const uint32_t* wg = Wgate ? bf16_group(Wgate, K, n) : nullptr;
         for (int i = 0; i < panels; i++) {
             const int m = i * kPanelTokens, mt = imin(kPanelTokens, M - m);
-            panel_tile_for<U>(mt, std::make_integer_sequence<int, kPanelTokens>())(
-                wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, Y + size_t(m) * ldy + n, ldy, r0, rows);
+            const PanelTileFn tile = panel_tile_for<U>(mt, std::make_integer_sequence<int, kPanelTokens>());
+            alignas(64) float gate_tile[kPanelTokens * kPanelRows];
+            if (wg) tile(wg, xp + size_t(m) * P, P, nullptr, nullptr, gate_tile, kPanelRows, r0, rows);
+            tile(wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, wg ? gate_tile : nullptr, Y + size_t(m) * ldy + n,
+                 ldy, r0, rows);
         }
     }
 }
@@ -393,11 +408,6 @@ static void rmsnorm(const float* x, const float* w, float eps, int n, float* y) 
     }
 }
 
-static inline __m512 silu_mul16(__m512 g, __m512 u) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
-}
-
 static void silu_mul(const float* gate, const float* up, int n, float* out) {
     int i = 0;
     for (; i + 16 <= n; i += 16)
@@ -406,6 +416,23 @@ static void silu_mul(const float* gate, const float* up, int n, float* out) {
         const __mmask16 m = tail_mask(n - i);
         _mm512_mask_storeu_ps(out + i, m, silu_mul16(_mm512_maskz_loadu_ps(m, gate + i), _mm512_maskz_loadu_ps(m, up + i)));
     }
+}
+
+// The MLP's silu(X Wgate^T) * (X Wup^T) (kernels.h). A prompt's gate and up share the token panels
+// (rearranged once, not per product), and each 12 x 32 tile of gate, made into a buffer on the
+// stack, is multiplied into the same tile of up as that tile is stored: no gate and up rows in
+// memory, and no silu_mul pass over them. 512 tokens of Qwen2.5-0.5B in bf16 ran 4.4% faster than
+// with the two products and silu_mul (one process, alternating, 16 rounds); the sums are the same.
+// A decode step (M = 1) runs the two products and silu_mul.
+static void matmul_bf16_swiglu(const float* X, int ldx, int M, int K, const uint16_t* Wgate, const uint16_t* Wup,
+                               float* Y, int ldy, int n0, int n1) {
+    if (M > 1) return matmul_panels<Bf16Pairs>(X, ldx, M, K, Wup, nullptr, Y, ldy, n0, n1, Wgate);
+    if (n0 >= n1) return;
+    static thread_local ThreadScratch<float> up_row;
+    float* up = up_row.get(size_t(n1));  // up[n0, n1)
+    matmul_bf16(X, ldx, 1, K, Wgate, nullptr, Y, ldy, n0, n1);
+    matmul_bf16(X, ldx, 1, K, Wup, nullptr, up, ldy, n0, n1);
+    silu_mul(Y + n0, up + n0, n1 - n0, Y + n0);
 }
 
 static void add(float* y, const float* x, int n) {
@@ -887,7 +914,7 @@ void multiply_add_loop(MultiplyAdd op, long iters) {
 static const Kernels table = {
     "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, attention_f32, attention_f16, attention_bf16,
     add,
-    quantize_acts, matmul_q8,  matmul_q4,
+    quantize_acts, matmul_q8,  matmul_q4, false, matmul_bf16_swiglu,
 };
 
 }  // namespace avx512

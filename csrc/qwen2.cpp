@@ -935,16 +935,24 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             // it applies silu * up to them at once, and quantizes them (whole blocks) for down_proj.
             norm_input(w.post_attention_layernorm.data(), 0, quantized(w.gate_proj) || quantized(w.up_proj), true);
             const bool q_down = quantized(w.down_proj);
+            const bool bf16_swiglu =  // (kernels.h: a table may have no such kernel)
+                K.matmul_bf16_swiglu && w.gate_proj.dtype == DType::BF16 && w.up_proj.dtype == DType::BF16;
             static_assert(kClaimUnit % kQBlock == 0, "a claimed unit of the MLP's hidden rows is whole blocks");
             share_rows(claiming && quantized(w.gate_proj) && quantized(w.up_proj), l, 2, I, kClaimUnit, kQBlock,
                        [&](int a, int b) {
-                           matmul_rows(K, in_x, n, w.gate_proj, nullptr, gate, I, a, b);
-                           matmul_rows(K, in_x, n, w.up_proj, nullptr, up, I, a, b);
-                           if (a < b)
-                               for (int t = 0; t < n; t++) {
-                                   K.silu_mul(gate + size_t(t) * I + a, up + size_t(t) * I + a, b - a, gate + size_t(t) * I + a);
-                                   if (q_down) in_h.quantize_cols(K, t, a, b - a);
-                               }
+                           if (a >= b) return;
+                           if (bf16_swiglu) {  // silu(gate) * up comes out of the product
+                               K.matmul_bf16_swiglu(in_x.x, in_x.K, n, H, static_cast<const uint16_t*>(w.gate_proj.data),
+                                                    static_cast<const uint16_t*>(w.up_proj.data), gate, I, a, b);
+                           } else {
+                               matmul_rows(K, in_x, n, w.gate_proj, nullptr, gate, I, a, b);
+                               matmul_rows(K, in_x, n, w.up_proj, nullptr, up, I, a, b);
+                           }
+                           for (int t = 0; t < n; t++) {
+                               float* h = gate + size_t(t) * I + a;
+                               if (!bf16_swiglu) K.silu_mul(h, up + size_t(t) * I + a, b - a, h);
+                               if (q_down) in_h.quantize_cols(K, t, a, b - a);
+                           }
                        });
             team.sync();
 

@@ -82,6 +82,35 @@ def test_matmul_bf16_large(isa):
     close(_core.kernels.matmul(isa, X, bits), want)
 
 
+@pytest.mark.parametrize("isa", ALL_ISAS_HERE)
+@pytest.mark.parametrize("M", [1, 2, 12, 13, 40])
+@pytest.mark.parametrize("K,N,n0,n1", [(33, 50, 0, 50), (70, 50, 16, 50), (130, 96, 32, 80), (896, 64, 0, 64)])
+def test_matmul_bf16_swiglu(isa, M, K, N, n0, n1):
+    # silu(X gate^T) * (X up^T) in one kernel: tokens in part-filled 12-token panels, rows from half
+    # way into a packed group of 32, gate values far into both tails of silu; zeros outside [n0, n1)
+    if not _core.kernels.has_bf16_swiglu(isa):
+        assert isa != "avx512", "the AVX-512 table fuses the MLP's bf16 products"
+        with pytest.raises(qwen2rt.InvalidInputError, match="no fused"):
+            _core.kernels.matmul_bf16_swiglu(
+                isa, np.zeros((1, K), np.float32), np.zeros((N, K), np.uint16), np.zeros((N, K), np.uint16)
+            )
+        return
+    X = rng.standard_normal((M, K)).astype(np.float32)
+    g_bits, Wg = bf16_bits(rng.standard_normal((N, K)) * 8 / np.sqrt(K))  # gate values out to +-30
+    u_bits, Wu = bf16_bits(rng.standard_normal((N, K)))
+    Xt = bf16_tokens(isa, M, X).astype(np.float64)
+    g, u = Xt @ Wg.T.astype(np.float64), Xt @ Wu.T.astype(np.float64)
+    want = np.zeros((M, N))
+    want[:, n0:n1] = (g / (1 + np.exp(-g)) * u)[:, n0:n1]
+    close(_core.kernels.matmul_bf16_swiglu(isa, X, g_bits, u_bits, n0, n1), want, rtol=1e-5)
+    # the model's unfused path (two products and silu_mul) gives the same sums
+    unfused = _core.kernels.matmul(isa, X, g_bits), _core.kernels.matmul(isa, X, u_bits)
+    h = np.zeros((M, N), np.float32)
+    for m in range(M):
+        h[m, n0:n1] = _core.kernels.silu_mul(isa, unfused[0][m, n0:n1], unfused[1][m, n0:n1])
+    np.testing.assert_array_equal(_core.kernels.matmul_bf16_swiglu(isa, X, g_bits, u_bits, n0, n1), h)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_matmul_large(isa):
     # more tokens than one 64-token block, more rows than one tile sweep
@@ -259,10 +288,12 @@ def test_bench_bandwidth_sample_stays_out_of_peak_rss():
     if "libasan" in os.environ.get("LD_PRELOAD", ""):
         pytest.skip("AddressSanitizer's shadow of the buffer stays resident: RSS says nothing there")
     bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench.py")
-    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('bench', sys.argv[1]); "
-            "b = importlib.util.module_from_spec(s); s.loader.exec_module(b); "
-            "p0 = b.peak_rss_bytes(); bw = b.bandwidth_now(1); "
-            "print(p0, b.peak_rss_bytes(), b._peak_rss_outside_samples, bw)")
+    code = (
+        "import importlib.util, sys; s = importlib.util.spec_from_file_location('bench', sys.argv[1]); "
+        "b = importlib.util.module_from_spec(s); s.loader.exec_module(b); "
+        "p0 = b.peak_rss_bytes(); bw = b.bandwidth_now(1); "
+        "print(p0, b.peak_rss_bytes(), b._peak_rss_outside_samples, bw)"
+    )
     out = subprocess.run([sys.executable, "-c", code, bench], capture_output=True, text=True, check=True).stdout
     before, after, kept, bw = out.split()
     if bw == "None":
