@@ -595,10 +595,36 @@ PYBIND11_MODULE(_core, m) {
             const std::vector<uint16_t> g = packed_bf16(gate), u = packed_bf16(up);
             py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
             std::fill(Y.mutable_data(), Y.mutable_data() + size_t(M) * size_t(N), 0.f);
-            K.matmul_bf16_swiglu(X.data(), Kd, M, Kd, g.data(), u.data(), Y.mutable_data(), N, n0, n1);
+            K.matmul_bf16_swiglu(X.data(), Kd, M, Kd, g.data(), u.data(), Y.mutable_data(), N, n0, n1, nullptr);
             return Y;
         },
         py::arg("isa"), py::arg("X"), py::arg("gate"), py::arg("up"), py::arg("n0") = 0, py::arg("n1") = -1);
+    k.def(
+        "bf16_mlp_on_panels",
+        [](const std::string& isa, F32Array X, py::array_t<uint16_t> gate, py::array_t<uint16_t> up,
+           py::array_t<uint16_t> down, int shares) {
+            // The MLP of a bf16 prompt as the model runs it on threads: each of `shares` column ranges
+            // of the hidden rows (multiples of 32) goes from matmul_bf16_swiglu straight into token
+            // panels, and down_proj reads the panels.
+            const Kernels& K = kernels_or_throw(isa);
+            if (!K.matmul_bf16_swiglu || !K.matmul_bf16_panels)
+                throw InvalidArgument("ISA '" + isa + "' has no bf16 token panels");
+            if (X.ndim() != 2 || gate.ndim() != 2 || up.ndim() != 2 || down.ndim() != 2 || gate.shape(1) != X.shape(1) ||
+                up.shape(0) != gate.shape(0) || up.shape(1) != X.shape(1) || down.shape(1) != gate.shape(0) || shares < 1)
+                throw InvalidArgument("bf16_mlp_on_panels: X [M,K], gate and up [I,K], down [N,I], shares >= 1");
+            const int M = int(X.shape(0)), Kd = int(X.shape(1)), I = int(gate.shape(0)), N = int(down.shape(0));
+            const std::vector<uint16_t> g = packed_bf16(gate), u = packed_bf16(up), d = packed_bf16(down);
+            std::vector<uint32_t> h(bf16_panels_size(M, I), 0xdeadbeef);  // every unit must be written
+            const int units = (I + 31) / 32;
+            for (int i = 0; i < shares; i++) {
+                const int a = std::min(I, units * i / shares * 32), b = std::min(I, units * (i + 1) / shares * 32);
+                if (a < b) K.matmul_bf16_swiglu(X.data(), Kd, M, Kd, g.data(), u.data(), nullptr, I, a, b, h.data());
+            }
+            py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
+            K.matmul_bf16_panels(h.data(), M, I, d.data(), nullptr, Y.mutable_data(), N, 0, N);
+            return Y;
+        },
+        py::arg("isa"), py::arg("X"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("shares") = 2);
     k.def("has_bf16_swiglu", [](const std::string& isa) { return kernels_or_throw(isa).matmul_bf16_swiglu != nullptr; });
     k.def(
         "attention_seconds",

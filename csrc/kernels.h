@@ -93,12 +93,34 @@ struct Kernels {
     // many small units claimed as it goes (forward_chunk), which would rearrange them each time.
     bool q_prompt_repacks_tokens = false;
     // The MLP's two bf16 products and silu_mul in one: Y[m*ldy + n] = silu(x_m . Wgate[n]) * (x_m . Wup[n])
-    // for n0 <= n < n1, gate and up packed as matmul_bf16's W, with the same sums. Where a table has
-    // none (nullptr), the caller runs matmul_bf16 twice and silu_mul: the AVX-512 prompt kernel fuses
+    // for n0 <= n < n1, gate and up packed as matmul_bf16's W, with the same sums. With h_panels, the
+    // result also goes to token panels of M rows of ldy columns (bf16_panel_index; n0 a multiple of
+    // 32, n1 too unless it is ldy), the input of matmul_bf16_panels; Y may then be null. Where a table
+    // has none (nullptr), the caller runs matmul_bf16 twice and silu_mul: the AVX-512 table fuses
     // them; the tile backends (AMX) have their own bf16 products.
     void (*matmul_bf16_swiglu)(const float* X, int ldx, int M, int K, const uint16_t* Wgate, const uint16_t* Wup,
-                               float* Y, int ldy, int n0, int n1) = nullptr;
+                               float* Y, int ldy, int n0, int n1, uint32_t* h_panels) = nullptr;
+    // matmul_bf16 on tokens already in panels (bf16_panel_index): M rows of K columns. nullptr where
+    // the table has no panels.
+    void (*matmul_bf16_panels)(const uint32_t* panels, int M, int K, const uint16_t* W, const float* bias, float* Y,
+                               int ldy, int n0, int n1) = nullptr;
 };
+
+// Token panels, the input of the AVX-512 bf16 prompt products: M rows of K columns as bf16 pairs
+// (unit u: columns 2u and 2u + 1, rounded to nearest even), kBf16PanelTokens rows to a panel, and a
+// panel's units one after another, each the panel's mt tokens side by side: one 4-byte load is one
+// token's pair, broadcast into `vdpbf16ps`. Units run to whole blocks of 32 columns (zeros past K).
+constexpr int kBf16PanelTokens = 12;
+inline size_t bf16_panel_units(int K) { return size_t(K + 31) / 32 * 16; }
+inline size_t bf16_panel_index(int M, int K, int t, int u) {
+    const int i = t / kBf16PanelTokens, left = M - i * kBf16PanelTokens;
+    const int mt = left < kBf16PanelTokens ? left : kBf16PanelTokens;
+    return size_t(i) * kBf16PanelTokens * bf16_panel_units(K) + size_t(u) * mt + size_t(t % kBf16PanelTokens);
+}
+// uint32 units that token panels of M rows of K columns take
+inline size_t bf16_panels_size(int M, int K) {
+    return size_t(M + kBf16PanelTokens - 1) / kBf16PanelTokens * kBf16PanelTokens * bf16_panel_units(K);
+}
 
 // The cache holds keys transposed in blocks of kKeyBlock positions: [t / 8][head_dim][t % 8]. The
 // scores of 8 positions are then one vector sum over head_dim of (q[d] broadcast) x (8 keys' d-th

@@ -209,6 +209,7 @@ constexpr int kPanelTokens = 12;
 constexpr int kPanelVecs = 2;  // 16 rows each
 constexpr int kPanelRows = 16 * kPanelVecs;
 static_assert(kPanelRows == kBf16Rows, "a packed bf16 group is one weight panel");
+static_assert(kPanelTokens == kBf16PanelTokens, "the token panels of kernels.h");
 // Below this many tokens the f32 weights' per-call panels cost more than they save (a sixth of the
 // products' time at 16 tokens): those prompts run on 4 x 4 tiles of rows (matmul).
 constexpr int kF32PanelMinTokens = 32;
@@ -320,18 +321,11 @@ static PanelTileFn panel_tile_for(int mt, std::integer_sequence<int, MT...>) {
     return fns[mt - 1];
 }
 
-// Y[:, n0:n1] for M tokens on panels. bf16: n0 a multiple of 16, the panels the packed groups
-// themselves; f32: each 32-row panel rearranged here. With Wgate (bf16), Y = silu(X Wgate^T) * (X W^T)
-// (matmul_bf16_swiglu). No software prefetch: asking for the next
-// group into L2 a share per token panel (prefetcht1) had cost bf16 prompts 2% at 512 tokens, 3% at
-// 128, 8% at 64 and a quarter of their speed at 16 (one process, alternating, 12-16 rounds), where
-// the weights stream from memory and the hardware prefetcher already has them on the way; it did
-// nothing for f32 (within 1%).
+// The M rows of X as token panels (bf16: the layout of kernels.h, bf16_panel_index), in this
+// thread's scratch.
 template <class U>
-static void matmul_panels(const float* X, int ldx, int M, int K, const typename U::Weight* W, const float* bias,
-                          float* Y, int ldy, int n0, int n1, const uint16_t* Wgate = nullptr) {
-    constexpr bool kBf16 = std::is_same_v<U, Bf16Pairs>;
-    static thread_local ThreadScratch<uint32_t> token_panels, weight_panel;
+static const uint32_t* make_token_panels(const float* X, int ldx, int M, int K) {
+    static thread_local ThreadScratch<uint32_t> token_panels;
     const int P = U::units(K);
     const int panels = (M + kPanelTokens - 1) / kPanelTokens;
     uint32_t* xp = token_panels.get(size_t(panels) * kPanelTokens * P);
@@ -339,6 +333,25 @@ static void matmul_panels(const float* X, int ldx, int M, int K, const typename 
         const int mt = imin(kPanelTokens, M - i * kPanelTokens);
         tokens_to_panel<U>(X + size_t(i) * kPanelTokens * ldx, ldx, mt, K, xp + size_t(i) * kPanelTokens * P);
     }
+    return xp;
+}
+
+// Y[:, n0:n1] for the M tokens in panels xp, of K columns. bf16: n0 a multiple of 16, the panels the
+// packed groups themselves; f32: each 32-row panel rearranged here. With Wgate (bf16), Y =
+// silu(X Wgate^T) * (X W^T) (matmul_bf16_swiglu), and with h_panels that product also goes, each
+// tile as it is made, to the token panels of M rows of ldy columns that the next product reads (n0 a
+// multiple of 32: a tile is whole units); Y may then be null. No software prefetch: asking for the
+// next group into L2 a share per token panel (prefetcht1) had cost bf16 prompts 2% at 512 tokens,
+// 3% at 128, 8% at 64 and a quarter of their speed at 16 (one process, alternating, 12-16 rounds),
+// where the weights stream from memory and the hardware prefetcher already has them on the way; it
+// did nothing for f32 (within 1%).
+template <class U>
+static void panel_products(const uint32_t* xp, int M, int K, const typename U::Weight* W, const float* bias, float* Y,
+                           int ldy, int n0, int n1, const uint16_t* Wgate = nullptr, uint32_t* h_panels = nullptr) {
+    constexpr bool kBf16 = std::is_same_v<U, Bf16Pairs>;
+    static thread_local ThreadScratch<uint32_t> weight_panel;
+    const int P = U::units(K), Ph = Bf16Pairs::units(ldy);
+    const int panels = (M + kPanelTokens - 1) / kPanelTokens;
     uint32_t* const f32_panel = kBf16 ? nullptr : weight_panel.get(size_t(P) * kPanelRows);
     const uint32_t* wp = f32_panel;
     for (int n = n0, rows; n < n1; n += rows) {
@@ -352,17 +365,21 @@ static void matmul_panels(const float* X, int ldx, int M, int K, const typename 
         for (int i = 0; i < panels; i++) {
             const int m = i * kPanelTokens, mt = imin(kPanelTokens, M - m);
             const PanelTileFn tile = panel_tile_for<U>(mt, std::make_integer_sequence<int, kPanelTokens>());
-            alignas(64) float gate_tile[kPanelTokens * kPanelRows];
+            alignas(64) float gate_tile[kPanelTokens * kPanelRows], y_tile[kPanelTokens * kPanelRows];
             if (wg) tile(wg, xp + size_t(m) * P, P, nullptr, nullptr, gate_tile, kPanelRows, r0, rows);
-            tile(wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, wg ? gate_tile : nullptr, Y + size_t(m) * ldy + n,
-                 ldy, r0, rows);
+            float* y = Y ? Y + size_t(m) * ldy + n : y_tile;
+            const int ld = Y ? ldy : kPanelRows;
+            tile(wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, wg ? gate_tile : nullptr, y, ld, r0, rows);
+            if (h_panels)  // units n / 2 on of tokens m..m + mt; past ldy, zeros
+                tokens_to_panel<Bf16Pairs>(y, ld, mt, rows, h_panels + size_t(m) * Ph + size_t(n / 2) * mt);
         }
     }
 }
 
 static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, const float* bias, float* Y, int ldy,
                        int n0, int n1) {
-    if (M >= kF32PanelMinTokens) return matmul_panels<F32Columns>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    if (M >= kF32PanelMinTokens)
+        return panel_products<F32Columns>(make_token_panels<F32Columns>(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1);
     matmul(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
 }
 
@@ -370,7 +387,7 @@ static void matmul_f32(const float* X, int ldx, int M, int K, const float* W, co
 // on the panels.
 static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
                         int ldy, int n0, int n1) {
-    if (M > 1) return matmul_panels<Bf16Pairs>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+    if (M > 1) return panel_products<Bf16Pairs>(make_token_panels<Bf16Pairs>(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1);
     for (int n = n0, rows; n < n1; n += rows) {
         const int r0 = n % kBf16Rows;
         rows = imin(kBf16Rows - r0, n1 - n);
@@ -425,14 +442,23 @@ static void silu_mul(const float* gate, const float* up, int n, float* out) {
 // with the two products and silu_mul (one process, alternating, 16 rounds); the sums are the same.
 // A decode step (M = 1) runs the two products and silu_mul.
 static void matmul_bf16_swiglu(const float* X, int ldx, int M, int K, const uint16_t* Wgate, const uint16_t* Wup,
-                               float* Y, int ldy, int n0, int n1) {
-    if (M > 1) return matmul_panels<Bf16Pairs>(X, ldx, M, K, Wup, nullptr, Y, ldy, n0, n1, Wgate);
+                               float* Y, int ldy, int n0, int n1, uint32_t* h_panels) {
+    if (M > 1 || h_panels)
+        return panel_products<Bf16Pairs>(make_token_panels<Bf16Pairs>(X, ldx, M, K), M, K, Wup, nullptr, Y, ldy, n0, n1,
+                                         Wgate, h_panels);
     if (n0 >= n1) return;
     static thread_local ThreadScratch<float> up_row;
     float* up = up_row.get(size_t(n1));  // up[n0, n1)
     matmul_bf16(X, ldx, 1, K, Wgate, nullptr, Y, ldy, n0, n1);
     matmul_bf16(X, ldx, 1, K, Wup, nullptr, up, ldy, n0, n1);
     silu_mul(Y + n0, up + n0, n1 - n0, Y + n0);
+}
+
+// A prompt on bf16 weights whose tokens are already panels (the hidden rows that matmul_bf16_swiglu
+// made for down_proj).
+static void matmul_bf16_panels(const uint32_t* xp, int M, int K, const uint16_t* W, const float* bias, float* Y,
+                               int ldy, int n0, int n1) {
+    panel_products<Bf16Pairs>(xp, M, K, W, bias, Y, ldy, n0, n1);
 }
 
 static void add(float* y, const float* x, int n) {
@@ -914,7 +940,7 @@ void multiply_add_loop(MultiplyAdd op, long iters) {
 static const Kernels table = {
     "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, attention_f32, attention_f16, attention_bf16,
     add,
-    quantize_acts, matmul_q8,  matmul_q4, false, matmul_bf16_swiglu,
+    quantize_acts, matmul_q8,  matmul_q4, false, matmul_bf16_swiglu, matmul_bf16_panels,
 };
 
 }  // namespace avx512

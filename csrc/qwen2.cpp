@@ -200,6 +200,7 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
     s_.proj = AlignedBuffer(C * H * 4);
     s_.gate = AlignedBuffer(C * I * 4);
     s_.up = AlignedBuffer(C * I * 4);
+    s_.h_panels = AlignedBuffer(bf16_panels_size(int(C), int(I)) * 4);
     s_.rope = AlignedBuffer(C * cfg.head_dim * 4);
     const size_t widest = std::max(QD, I);  // the longer of the rows quantized into act_*
     s_.act_q = AlignedBuffer(C * size_t(q_blocks(int(widest))) * kQBlock);
@@ -937,13 +938,20 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             const bool q_down = quantized(w.down_proj);
             const bool bf16_swiglu =  // (kernels.h: a table may have no such kernel)
                 K.matmul_bf16_swiglu && w.gate_proj.dtype == DType::BF16 && w.up_proj.dtype == DType::BF16;
+            // A bf16 prompt's hidden rows go from gate/up to down_proj as token panels (kernels.h),
+            // each made once, by the thread that computed its columns, instead of by every thread
+            // from f32 rows; the f32 rows are not stored. 1.2-1.6% faster at 512 tokens (one process,
+            // alternating, 16-20 rounds), the same sums.
+            const bool h_panels = bf16_swiglu && K.matmul_bf16_panels && w.down_proj.dtype == DType::BF16 && n > 1;
+            uint32_t* hp = h_panels ? s_.h_panels.as<uint32_t>() : nullptr;
             static_assert(kClaimUnit % kQBlock == 0, "a claimed unit of the MLP's hidden rows is whole blocks");
             share_rows(claiming && quantized(w.gate_proj) && quantized(w.up_proj), l, 2, I, kClaimUnit, kQBlock,
                        [&](int a, int b) {
                            if (a >= b) return;
                            if (bf16_swiglu) {  // silu(gate) * up comes out of the product
                                K.matmul_bf16_swiglu(in_x.x, in_x.K, n, H, static_cast<const uint16_t*>(w.gate_proj.data),
-                                                    static_cast<const uint16_t*>(w.up_proj.data), gate, I, a, b);
+                                                    static_cast<const uint16_t*>(w.up_proj.data), hp ? nullptr : gate, I,
+                                                    a, b, hp);
                            } else {
                                matmul_rows(K, in_x, n, w.gate_proj, nullptr, gate, I, a, b);
                                matmul_rows(K, in_x, n, w.up_proj, nullptr, up, I, a, b);
@@ -958,7 +966,10 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
 
             // down_proj, and the residual (the next norm step adds it where own_norm does not)
             share_rows(claiming && q_down, l, 3, H, kClaimUnit, 16, [&](int a, int b) {
-                matmul_rows(K, in_h, n, w.down_proj, nullptr, proj, H, a, b);
+                if (hp && a < b)
+                    K.matmul_bf16_panels(hp, n, I, static_cast<const uint16_t*>(w.down_proj.data), nullptr, proj, H, a, b);
+                else
+                    matmul_rows(K, in_h, n, w.down_proj, nullptr, proj, H, a, b);
                 add_residual_columns(a, b);
             });
             if (team.tid == 0 && interrupted && interrupted()) stop = true;

@@ -220,6 +220,7 @@ class Qwen2Model {
         AlignedBuffer att;      // attention output       [chunk, heads * head_dim]
         AlignedBuffer proj;     // o_proj / down_proj out [chunk, hidden]
         AlignedBuffer gate, up; // MLP                    [chunk, intermediate]
+        AlignedBuffer h_panels; // MLP hidden rows as bf16 token panels (kernels.h), for down_proj
         AlignedBuffer rope;     // cos | sin per position [chunk, head_dim]
         AlignedBuffer act_q, act_d, act_s;  // attention or MLP output as int8 blocks [chunk, ...]
         AlignedBuffer scores;   // attention scratch      [threads, attention_scratch_floats]

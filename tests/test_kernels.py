@@ -111,6 +111,30 @@ def test_matmul_bf16_swiglu(isa, M, K, N, n0, n1):
     np.testing.assert_array_equal(_core.kernels.matmul_bf16_swiglu(isa, X, g_bits, u_bits, n0, n1), h)
 
 
+@pytest.mark.parametrize("isa", ALL_ISAS_HERE)
+@pytest.mark.parametrize("M", [2, 12, 13, 40])
+@pytest.mark.parametrize("K,I,N,shares", [(33, 50, 20, 1), (70, 96, 40, 2), (64, 200, 33, 3), (896, 128, 64, 2)])
+def test_bf16_mlp_on_panels(isa, M, K, I, N, shares):
+    # gate/up -> silu * up -> down_proj with the hidden rows handed over as bf16 token panels, written
+    # by each share of their columns (I past the last whole block of 32: zero units to pad)
+    if not _core.kernels.has_bf16_swiglu(isa):
+        with pytest.raises(qwen2rt.InvalidInputError, match="no bf16 token panels"):
+            z = np.zeros((I, K), np.uint16)
+            _core.kernels.bf16_mlp_on_panels(isa, np.zeros((M, K), np.float32), z, z, np.zeros((N, I), np.uint16))
+        return
+    X = rng.standard_normal((M, K)).astype(np.float32)
+    g_bits = bf16_bits(rng.standard_normal((I, K)) * 8 / np.sqrt(K))[0]
+    u_bits = bf16_bits(rng.standard_normal((I, K)))[0]
+    d_bits, Wd = bf16_bits(rng.standard_normal((N, I)))
+    got = _core.kernels.bf16_mlp_on_panels(isa, X, g_bits, u_bits, d_bits, shares)
+    # the hidden rows as the fused kernel makes them in f32 (test_matmul_bf16_swiglu checks those
+    # against numpy), rounded to bf16 on their way into the panels
+    h32 = _core.kernels.matmul_bf16_swiglu(isa, X, g_bits, u_bits)
+    close(got, bf16_bits(h32)[1].astype(np.float64) @ Wd.T.astype(np.float64))
+    # and the same sums as those f32 rows through matmul_bf16, which packs its own panels
+    np.testing.assert_array_equal(got, _core.kernels.matmul(isa, h32, d_bits))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_matmul_large(isa):
     # more tokens than one 64-token block, more rows than one tile sweep
@@ -288,12 +312,10 @@ def test_bench_bandwidth_sample_stays_out_of_peak_rss():
     if "libasan" in os.environ.get("LD_PRELOAD", ""):
         pytest.skip("AddressSanitizer's shadow of the buffer stays resident: RSS says nothing there")
     bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench.py")
-    code = (
-        "import importlib.util, sys; s = importlib.util.spec_from_file_location('bench', sys.argv[1]); "
-        "b = importlib.util.module_from_spec(s); s.loader.exec_module(b); "
-        "p0 = b.peak_rss_bytes(); bw = b.bandwidth_now(1); "
-        "print(p0, b.peak_rss_bytes(), b._peak_rss_outside_samples, bw)"
-    )
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('bench', sys.argv[1]); "
+            "b = importlib.util.module_from_spec(s); s.loader.exec_module(b); "
+            "p0 = b.peak_rss_bytes(); bw = b.bandwidth_now(1); "
+            "print(p0, b.peak_rss_bytes(), b._peak_rss_outside_samples, bw)")
     out = subprocess.run([sys.executable, "-c", code, bench], capture_output=True, text=True, check=True).stdout
     before, after, kept, bw = out.split()
     if bw == "None":
