@@ -278,8 +278,8 @@ static inline void keep_in_register(__m256& v) { __asm__("" : "+x"(v)); }
 // 6, a second set takes every other step, and the two are added at the end.
 constexpr int accumulator_sets(int n) { return n <= 6 ? 2 : 1; }
 
-// s[h][0..8*NB) = scale * q[h] . k[t] for H heads and NB (1 or 2) key blocks kb (kernels.h); with
-// pk set, the same number of key blocks there are asked for.
+// s[h][0..8*NB) = scale * q[h] . k[t] for H heads and the first 8 * NB (8 or 16) keys of key block kb
+// (kernels.h); with pk set, as many keys' bytes there are asked for.
 template <int H, int NB, class KV>
 __attribute__((always_inline)) static inline void scores_block(const float* q, int D, const KV* kb, __m256 vscale,
                                                                float* s, size_t ls, const KV* pk) {
@@ -290,11 +290,11 @@ __attribute__((always_inline)) static inline void scores_block(const float* q, i
             for (int j = 0; j < NB; j++) acc[u][h][j] = _mm256_setzero_ps();
 #pragma GCC unroll 8
     for (int d = 0; d < D; d += S) {
-        if (pk) prefetch_step<S * NB * kKeyBlock * sizeof(KV), 2>(reinterpret_cast<const char*>(pk), d / S);
+        if (pk) prefetch_step<S * kKeyBlock * sizeof(KV), 2>(reinterpret_cast<const char*>(pk), d / S);
         for (int u = 0; u < S; u++) {
             __m256 k[NB];
             for (int j = 0; j < NB; j++) {
-                k[j] = load_kv(kb + (size_t(j) * D + d + u) * kKeyBlock);
+                k[j] = load_kv(kb + size_t(d + u) * kKeyBlock + 8 * j);
                 keep_in_register(k[j]);
             }
             for (int h = 0; h < H; h++) {
@@ -362,8 +362,8 @@ static void group_scores(const float* q, int D, const KV* K, int nb, __m256 vsca
                          const KV* pk, int n_ahead) {
     if (DC) D = DC;
     int t = 0;
-    for (; t + kKeyBlock < nb; t += 2 * kKeyBlock) {
-        const bool ask = pk && t + 2 * kKeyBlock <= n_ahead;
+    for (; t + 8 < nb; t += kKeyBlock) {
+        const bool ask = pk && t + kKeyBlock <= n_ahead;
         scores_block<H, 2>(q, D, K + key_offset(t, 0, D), vscale, s + t, ls, ask ? pk + size_t(t) * D : nullptr);
     }
     if (t < nb) scores_block<H, 1>(q, D, K + key_offset(t, 0, D), vscale, s + t, ls, static_cast<const KV*>(nullptr));

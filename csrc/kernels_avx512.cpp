@@ -627,22 +627,18 @@ static void matmul_q4(const float*, int, const int8_t* xq, const float* xd, cons
 // loaded once for all of them; the block's softmax runs on those registers; then P V over 32 columns
 // at a time (16 accumulators, each V vector loaded once for every head). More heads than 8 go in
 // groups (G = 12: 6 + 6), each reading the block again from L1. Zen 4 splits a 512-bit FMA in two,
-// so there it is as fast as the AVX2 kernel (0.168 ms for 7 heads x 8k keys x 64 in L1, both at the
+// so there it is as fast as the AVX2 kernel (0.166 ms for 7 heads x 8k keys x 64 in L1, both near the
 // FMA bound: 1792 512-bit FMAs a block); a CPU with two 512-bit FMA units has twice the peak. Over a
 // bf16 cache (attend_block_bf16) a block is 896 bf16 dot products and no f16 widening: 0.085 ms.
 
 constexpr int kAttnHeads = 8;            // 2 x 8 score or output accumulators, 2 K or V vectors
 constexpr int kAttnGroups = 8;           // more heads per KV head than 64 go to the AVX2 kernel
-static_assert(kAttnBlock == 32 && kKeyBlock == 8, "a block is two vectors of 16 keys, of two key blocks each");
+static_assert(kAttnBlock == 32 && kKeyBlock == 16, "a block is two key blocks, a vector of 16 keys each");
 
-// The d-th element of 16 keys: key blocks b and b+1 (kernels.h), kb pointing at block b's d-th row.
-static inline __m512 load_keys16(const float* kb, int D) {
-    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(kb)), _mm256_loadu_ps(kb + kKeyBlock * D), 1);
-}
-static inline __m512 load_keys16(const uint16_t* kb, int D) {
-    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kb));
-    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + kKeyBlock * D));
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+// The d-th element of a key block's 16 keys (kernels.h), kb pointing at that row of the block.
+static inline __m512 load_keys16(const float* kb) { return _mm512_loadu_ps(kb); }
+static inline __m512 load_keys16(const uint16_t* kb) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb)));
 }
 static inline __m512 load_values16(const float* v) { return _mm512_loadu_ps(v); }
 static inline __m512 load_values16(const uint16_t* v) {
@@ -718,8 +714,8 @@ static void attend_block(const float* q, const KV* kb, const KV* v, int nb, __m5
 #pragma GCC unroll 4
     for (int d = 0; d < D; d++) {
         if (pk) prefetch_step<kAttnBlock * sizeof(KV), 2>(reinterpret_cast<const char*>(pk), d);
-        const __m512 k0 = load_keys16(kb + d * kKeyBlock, D);                  // keys 0-15
-        const __m512 k1 = load_keys16(kb + (2 * D + d) * kKeyBlock, D);       // keys 16-31
+        const __m512 k0 = load_keys16(kb + d * kKeyBlock);        // keys 0-15
+        const __m512 k1 = load_keys16(kb + (D + d) * kKeyBlock);  // keys 16-31
         for (int h = 0; h < H; h++) {
             const __m512 qd = _mm512_set1_ps(q[h * D + d]);
             s[h][0] = _mm512_fmadd_ps(qd, k0, s[h][0]);
