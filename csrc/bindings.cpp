@@ -602,7 +602,7 @@ PYBIND11_MODULE(_core, m) {
     k.def(
         "bf16_mlp_on_panels",
         [](const std::string& isa, F32Array X, py::array_t<uint16_t> gate, py::array_t<uint16_t> up,
-           py::array_t<uint16_t> down, int shares) {
+           py::array_t<uint16_t> down, int shares, py::object y0) {
             // The MLP of a bf16 prompt as the model runs it on threads: each of `shares` column ranges
             // of the hidden rows (multiples of 32) goes from matmul_bf16_swiglu straight into token
             // panels, and down_proj reads the panels.
@@ -621,10 +621,37 @@ PYBIND11_MODULE(_core, m) {
                 if (a < b) K.matmul_bf16_swiglu(X.data(), Kd, M, Kd, g.data(), u.data(), nullptr, I, a, b, h.data());
             }
             py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
-            K.matmul_bf16_panels(h.data(), M, I, d.data(), nullptr, Y.mutable_data(), N, 0, N);
+            const bool add = !y0.is_none();  // down_proj's product added into y0, as into the residual stream
+            if (add) {
+                auto y = y0.cast<F32Array>();
+                if (y.ndim() != 2 || y.shape(0) != M || y.shape(1) != N) throw InvalidArgument("bf16_mlp_on_panels: y0 [M,N]");
+                std::memcpy(Y.mutable_data(), y.data(), size_t(M) * size_t(N) * 4);
+            }
+            K.matmul_bf16_panels(h.data(), M, I, d.data(), nullptr, Y.mutable_data(), N, 0, N, add);
             return Y;
         },
-        py::arg("isa"), py::arg("X"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("shares") = 2);
+        py::arg("isa"), py::arg("X"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("shares") = 2,
+        py::arg("y0") = py::none());
+    k.def(
+        "matmul_bf16_add",
+        [](const std::string& isa, F32Array X, py::array_t<uint16_t> W, F32Array Y0, int n0, int n1) {
+            // Y0 with X W^T added into its columns [n0, n1), as o_proj adds into the residual stream
+            const Kernels& K = kernels_or_throw(isa);
+            if (!K.matmul_bf16_add) throw InvalidArgument("ISA '" + isa + "' has no bf16 product into Y");
+            if (X.ndim() != 2 || W.ndim() != 2 || W.shape(1) != X.shape(1) || Y0.ndim() != 2 ||
+                Y0.shape(0) != X.shape(0) || Y0.shape(1) != W.shape(0))
+                throw InvalidArgument("matmul_bf16_add: X [M,K], W [N,K], Y0 [M,N]");
+            const int M = int(X.shape(0)), Kd = int(X.shape(1)), N = int(W.shape(0));
+            if (n1 < 0) n1 = N;
+            if (n0 < 0 || n0 % 16 || n1 > N || n0 > n1)
+                throw InvalidArgument("matmul_bf16_add: rows [n0, n1) must lie in [0, N) with n0 a multiple of 16");
+            const std::vector<uint16_t> w = packed_bf16(W);
+            py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
+            std::memcpy(Y.mutable_data(), Y0.data(), size_t(M) * size_t(N) * 4);
+            K.matmul_bf16_add(X.data(), Kd, M, Kd, w.data(), Y.mutable_data(), N, n0, n1);
+            return Y;
+        },
+        py::arg("isa"), py::arg("X"), py::arg("W"), py::arg("Y0"), py::arg("n0") = 0, py::arg("n1") = -1);
     k.def("has_bf16_swiglu", [](const std::string& isa) { return kernels_or_throw(isa).matmul_bf16_swiglu != nullptr; });
     k.def(
         "attention_seconds",

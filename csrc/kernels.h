@@ -100,10 +100,14 @@ struct Kernels {
     // them; the tile backends (AMX) have their own bf16 products.
     void (*matmul_bf16_swiglu)(const float* X, int ldx, int M, int K, const uint16_t* Wgate, const uint16_t* Wup,
                                float* Y, int ldy, int n0, int n1, uint32_t* h_panels) = nullptr;
-    // matmul_bf16 on tokens already in panels (bf16_panel_index): M rows of K columns. nullptr where
-    // the table has no panels.
+    // matmul_bf16 on tokens already in panels (bf16_panel_index): M rows of K columns; with add,
+    // Y[m*ldy + n] += the products (+ bias) instead. nullptr where the table has no panels.
     void (*matmul_bf16_panels)(const uint32_t* panels, int M, int K, const uint16_t* W, const float* bias, float* Y,
-                               int ldy, int n0, int n1) = nullptr;
+                               int ldy, int n0, int n1, bool add) = nullptr;
+    // Y[m*ldy + n] += x_m . W[n] for a prompt (M > 1) on bf16 W, the same sums as matmul_bf16: a product
+    // added into the residual stream as it is stored. nullptr where the table has none.
+    void (*matmul_bf16_add)(const float* X, int ldx, int M, int K, const uint16_t* W, float* Y, int ldy, int n0,
+                            int n1) = nullptr;
 };
 
 // Token panels, the input of the AVX-512 bf16 prompt products: M rows of K columns as bf16 pairs

@@ -360,6 +360,7 @@ struct TiledMatmuls {
         k.q_prompt_repacks_tokens = true;
         k.matmul_bf16_swiglu = nullptr;  // the AVX-512 ones would not run on the tiles
         k.matmul_bf16_panels = nullptr;
+        k.matmul_bf16_add = nullptr;
         return k;
     }
 };

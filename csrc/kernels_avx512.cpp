@@ -288,10 +288,11 @@ static void f32_rows_to_panel(const float* W, int K, int n, int n_end, uint32_t*
 // Y[t][j - r0] = bias[j - r0] + sum over the P units of the weight panel times the token panel (MT
 // tokens), for the panel's rows r0 <= j < r0 + rows (r0 0 or 16: a thread's share may start half
 // way into a group; the other half's sums are made and dropped). With a gate tile (the same rows of
-// another product, kPanelRows apart per token), Y is silu(gate) times those sums instead.
+// another product, kPanelRows apart per token), Y is silu(gate) times those sums instead; with add,
+// Y += them (the residual stream taking o_proj's or down_proj's output).
 template <class U, int MT>
-static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, const float* gate, float* Y,
-                       int ldy, int r0, int rows) {
+static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const float* bias, const float* gate, bool add,
+                       float* Y, int ldy, int r0, int rows) {
     __m512 acc[MT][kPanelVecs];
     for (int t = 0; t < MT; t++)
         for (int v = 0; v < kPanelVecs; v++) acc[t][v] = _mm512_setzero_ps();
@@ -307,14 +308,18 @@ static void panel_tile(const uint32_t* wp, const uint32_t* xp, int P, const floa
         const __mmask16 m = left >= 16 ? __mmask16(0xffff) : tail_mask(left);
         const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + at) : _mm512_setzero_ps();
         for (int t = 0; t < MT; t++) {
-            const __m512 y = _mm512_add_ps(acc[t][v], bv);
-            _mm512_mask_storeu_ps(Y + size_t(t) * ldy + at, m,
-                                  gate ? silu_mul16(_mm512_maskz_loadu_ps(m, gate + t * kPanelRows + at), y) : y);
+            float* y = Y + size_t(t) * ldy + at;
+            const __m512 s = _mm512_add_ps(acc[t][v], bv);
+            if (gate)
+                _mm512_mask_storeu_ps(y, m, silu_mul16(_mm512_maskz_loadu_ps(m, gate + t * kPanelRows + at), s));
+            else
+                _mm512_mask_storeu_ps(y, m, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, y), s) : s);
         }
     }
 }
 
-using PanelTileFn = void (*)(const uint32_t*, const uint32_t*, int, const float*, const float*, float*, int, int, int);
+using PanelTileFn = void (*)(const uint32_t*, const uint32_t*, int, const float*, const float*, bool, float*, int, int,
+                             int);
 template <class U, int... MT>
 static PanelTileFn panel_tile_for(int mt, std::integer_sequence<int, MT...>) {
     static const PanelTileFn fns[] = {panel_tile<U, MT + 1>...};
@@ -347,7 +352,8 @@ static const uint32_t* make_token_panels(const float* X, int ldx, int M, int K) 
 // did nothing for f32 (within 1%).
 template <class U>
 static void panel_products(const uint32_t* xp, int M, int K, const typename U::Weight* W, const float* bias, float* Y,
-                           int ldy, int n0, int n1, const uint16_t* Wgate = nullptr, uint32_t* h_panels = nullptr) {
+                           int ldy, int n0, int n1, bool add = false, const uint16_t* Wgate = nullptr,
+                           uint32_t* h_panels = nullptr) {
     constexpr bool kBf16 = std::is_same_v<U, Bf16Pairs>;
     static thread_local ThreadScratch<uint32_t> weight_panel;
     const int P = U::units(K), Ph = Bf16Pairs::units(ldy);
@@ -366,10 +372,10 @@ static void panel_products(const uint32_t* xp, int M, int K, const typename U::W
             const int m = i * kPanelTokens, mt = imin(kPanelTokens, M - m);
             const PanelTileFn tile = panel_tile_for<U>(mt, std::make_integer_sequence<int, kPanelTokens>());
             alignas(64) float gate_tile[kPanelTokens * kPanelRows], y_tile[kPanelTokens * kPanelRows];
-            if (wg) tile(wg, xp + size_t(m) * P, P, nullptr, nullptr, gate_tile, kPanelRows, r0, rows);
+            if (wg) tile(wg, xp + size_t(m) * P, P, nullptr, nullptr, false, gate_tile, kPanelRows, r0, rows);
             float* y = Y ? Y + size_t(m) * ldy + n : y_tile;
             const int ld = Y ? ldy : kPanelRows;
-            tile(wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, wg ? gate_tile : nullptr, y, ld, r0, rows);
+            tile(wp, xp + size_t(m) * P, P, bias ? bias + n : nullptr, wg ? gate_tile : nullptr, add, y, ld, r0, rows);
             if (h_panels)  // units n / 2 on of tokens m..m + mt; past ldy, zeros
                 tokens_to_panel<Bf16Pairs>(y, ld, mt, rows, h_panels + size_t(m) * Ph + size_t(n / 2) * mt);
         }
@@ -445,7 +451,7 @@ static void matmul_bf16_swiglu(const float* X, int ldx, int M, int K, const uint
                                float* Y, int ldy, int n0, int n1, uint32_t* h_panels) {
     if (M > 1 || h_panels)
         return panel_products<Bf16Pairs>(make_token_panels<Bf16Pairs>(X, ldx, M, K), M, K, Wup, nullptr, Y, ldy, n0, n1,
-                                         Wgate, h_panels);
+                                         false, Wgate, h_panels);
     if (n0 >= n1) return;
     static thread_local ThreadScratch<float> up_row;
     float* up = up_row.get(size_t(n1));  // up[n0, n1)
@@ -455,10 +461,15 @@ static void matmul_bf16_swiglu(const float* X, int ldx, int M, int K, const uint
 }
 
 // A prompt on bf16 weights whose tokens are already panels (the hidden rows that matmul_bf16_swiglu
-// made for down_proj).
+// made for down_proj); with add, into Y.
 static void matmul_bf16_panels(const uint32_t* xp, int M, int K, const uint16_t* W, const float* bias, float* Y,
-                               int ldy, int n0, int n1) {
-    panel_products<Bf16Pairs>(xp, M, K, W, bias, Y, ldy, n0, n1);
+                               int ldy, int n0, int n1, bool add) {
+    panel_products<Bf16Pairs>(xp, M, K, W, bias, Y, ldy, n0, n1, add);
+}
+// A prompt's product added into Y (o_proj into the residual stream).
+static void matmul_bf16_add(const float* X, int ldx, int M, int K, const uint16_t* W, float* Y, int ldy, int n0,
+                            int n1) {
+    panel_products<Bf16Pairs>(make_token_panels<Bf16Pairs>(X, ldx, M, K), M, K, W, nullptr, Y, ldy, n0, n1, true);
 }
 
 static void add(float* y, const float* x, int n) {
@@ -936,7 +947,7 @@ void multiply_add_loop(MultiplyAdd op, long iters) {
 static const Kernels table = {
     "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, attention_f32, attention_f16, attention_bf16,
     add,
-    quantize_acts, matmul_q8,  matmul_q4, false, matmul_bf16_swiglu, matmul_bf16_panels,
+    quantize_acts, matmul_q8,  matmul_q4, false, matmul_bf16_swiglu, matmul_bf16_panels, matmul_bf16_add,
 };
 
 }  // namespace avx512

@@ -133,6 +133,32 @@ def test_bf16_mlp_on_panels(isa, M, K, I, N, shares):
     close(got, bf16_bits(h32)[1].astype(np.float64) @ Wd.T.astype(np.float64))
     # and the same sums as those f32 rows through matmul_bf16, which packs its own panels
     np.testing.assert_array_equal(got, _core.kernels.matmul(isa, h32, d_bits))
+    # added into a residual stream instead: the same as adding the product after it is stored
+    y0 = rng.standard_normal((M, N)).astype(np.float32)
+    added = _core.kernels.bf16_mlp_on_panels(isa, X, g_bits, u_bits, d_bits, shares, y0)
+    np.testing.assert_array_equal(added, y0 + got)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS_HERE)
+@pytest.mark.parametrize("M", [2, 12, 13, 40])
+@pytest.mark.parametrize("K,N,n0,n1", [(33, 50, 0, 50), (70, 50, 16, 50), (896, 96, 32, 80)])
+def test_matmul_bf16_add(isa, M, K, N, n0, n1):
+    # o_proj's product added into the residual stream as it is stored, only in the columns [n0, n1)
+    X = rng.standard_normal((M, K)).astype(np.float32)
+    bits, Wf = bf16_bits(rng.standard_normal((N, K)))
+    y0 = rng.standard_normal((M, N)).astype(np.float32)
+    if not _core.kernels.has_bf16_swiglu(isa):
+        with pytest.raises(qwen2rt.InvalidInputError, match="no bf16 product into Y"):
+            _core.kernels.matmul_bf16_add(isa, X, bits, y0)
+        return
+    got = _core.kernels.matmul_bf16_add(isa, X, bits, y0, n0, n1)
+    want = y0.astype(np.float64)
+    want[:, n0:n1] += (bf16_tokens(isa, M, X).astype(np.float64) @ Wf.T.astype(np.float64))[:, n0:n1]
+    close(got, want)
+    product = _core.kernels.matmul(isa, X, bits, None, n0, n1)
+    want32 = y0.copy()
+    want32[:, n0:n1] += product[:, n0:n1]
+    np.testing.assert_array_equal(got, want32)  # the one f32 add the unfused residual makes
 
 
 @pytest.mark.parametrize("isa", ISAS)
