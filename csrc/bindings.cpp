@@ -182,6 +182,13 @@ struct PyModel {
     }
 };
 
+// Rows [n0, n1) of N (n1 < 0: to N), by the kernels' rule: a thread's rows start on a multiple of 16.
+void check_row_range(const std::string& what, int N, int n0, int& n1) {
+    if (n1 < 0) n1 = N;
+    if (n0 < 0 || n0 % 16 || n1 > N || n0 > n1)
+        throw InvalidArgument(what + ": rows [n0, n1) must lie in [0, N) with n0 a multiple of 16");
+}
+
 // A [N, K] matrix of bf16 bit patterns, row-major, packed as the model packs its bf16 weights.
 std::vector<uint16_t> packed_bf16(py::array W) {
     auto w = W.cast<py::array_t<uint16_t, py::array::c_style | py::array::forcecast>>();
@@ -199,9 +206,7 @@ py::array_t<float> kernel_matmul(const std::string& isa, py::array_t<float, py::
     if (!K) throw InvalidArgument("ISA '" + isa + "' is not available");
     if (X.ndim() != 2 || W.ndim() != 2 || X.shape(1) != W.shape(1)) throw InvalidArgument("matmul: X [M,K], W [N,K]");
     const int M = int(X.shape(0)), Kd = int(X.shape(1)), N = int(W.shape(0));
-    if (n1 < 0) n1 = N;
-    if (n0 < 0 || n0 % 16 || n1 > N || n0 > n1)  // the kernels' rule: a thread's rows start on 16
-        throw InvalidArgument("matmul: rows [n0, n1) must lie in [0, N) with n0 a multiple of 16");
+    check_row_range("matmul", N, n0, n1);
     std::vector<float> b;
     if (!bias.is_none()) {
         auto ba = bias.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
@@ -589,9 +594,7 @@ PYBIND11_MODULE(_core, m) {
                 up.shape(0) != gate.shape(0) || up.shape(1) != X.shape(1))
                 throw InvalidArgument("matmul_bf16_swiglu: X [M,K], gate and up [N,K]");
             const int M = int(X.shape(0)), Kd = int(X.shape(1)), N = int(gate.shape(0));
-            if (n1 < 0) n1 = N;
-            if (n0 < 0 || n0 % 16 || n1 > N || n0 > n1)
-                throw InvalidArgument("matmul_bf16_swiglu: rows [n0, n1) must lie in [0, N) with n0 a multiple of 16");
+            check_row_range("matmul_bf16_swiglu", N, n0, n1);
             const std::vector<uint16_t> g = packed_bf16(gate), u = packed_bf16(up);
             py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
             std::fill(Y.mutable_data(), Y.mutable_data() + size_t(M) * size_t(N), 0.f);
@@ -642,9 +645,7 @@ PYBIND11_MODULE(_core, m) {
                 Y0.shape(0) != X.shape(0) || Y0.shape(1) != W.shape(0))
                 throw InvalidArgument("matmul_bf16_add: X [M,K], W [N,K], Y0 [M,N]");
             const int M = int(X.shape(0)), Kd = int(X.shape(1)), N = int(W.shape(0));
-            if (n1 < 0) n1 = N;
-            if (n0 < 0 || n0 % 16 || n1 > N || n0 > n1)
-                throw InvalidArgument("matmul_bf16_add: rows [n0, n1) must lie in [0, N) with n0 a multiple of 16");
+            check_row_range("matmul_bf16_add", N, n0, n1);
             const std::vector<uint16_t> w = packed_bf16(W);
             py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
             std::memcpy(Y.mutable_data(), Y0.data(), size_t(M) * size_t(N) * 4);
