@@ -807,7 +807,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
         // them reads x alone, with the same sums: 0.3-0.8% faster (one process, alternating, 16-24
         // rounds), the `add` pass's share of a profile. proj_pending: the last product is in proj.
         auto adds_into_x = [&](const Matrix& m) {
-            return !own_norm && n > 1 && m.dtype == DType::BF16 && K.matmul_bf16_add && K.matmul_bf16_panels;
+            return !own_norm && n > 1 && m.dtype == DType::BF16 && K.matmul_bf16_add;
         };
         bool proj_pending = false;
         auto norm_input = [&](const float* w, int r0, bool quantize, bool add_proj) {
