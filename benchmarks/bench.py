@@ -22,7 +22,9 @@ After the rounds, each qwen2rt engine that has a llama.cpp engine of the same bi
 run (bf16 / BF16, q8 / Q8_0, q4 and q4c / Q4_0) decodes and prefills against it once more, both loaded
 in one process, alternating blocks of 16 decode steps and one prefill of the longest prompt
 (--paired-blocks, 16 by default; 0 skips it): both see the same fast and slow periods of the host, so
-those ratios move less than the ones across processes.
+those ratios move less than the ones across processes. With --contexts, each qwen2rt engine also decodes
+after 128 tokens of context and after each long one in one process, alternating blocks of 16 steps
+(--context-blocks, 12 by default): the long-context share of decode speed without the host's periods in it.
 """
 
 from __future__ import annotations
@@ -373,7 +375,37 @@ def _run_paired_decode(spec: dict) -> dict:
     return out
 
 
-RUNNERS = {"qwen2rt": _run_qwen2rt, "torch": _run_torch, "llama": _run_llama, "paired": _run_paired_decode}
+def _run_paired_contexts(spec: dict) -> dict:
+    """qwen2rt decoding at a short context and at each long one, in one process: one model per context
+    (a converted model's weights are mapped once and shared), alternating blocks of spec["block"]
+    greedy steps (in reverse order every other block), so that the ratio of long to short sees the same
+    host periods. The short model restarts from its spec["short"]-token prompt before every block (its
+    prefill is not timed); each long one prefills once and goes on from there."""
+    ctxs = spec["contexts"]
+    short = spec["short"]
+    models = {c: _open_qwen2rt(spec) for c in [short] + ctxs}
+    ids = _prompt_ids(models[short].tokenize, max(ctxs))
+    state = {c: models[c].forward(ids[:c]) for c in ctxs}
+    steps = spec["block"]
+
+    def block(c: int) -> float:
+        m = models[c]
+        if c == short:
+            m.reset()
+            state[c] = m.forward(ids[:short])
+        elapsed, state[c] = _qwen2rt_greedy(m, state[c], steps)
+        return elapsed
+
+    order = [short] + ctxs
+    out = {f"at_{c}_s": [] for c in order}
+    for b in range(spec["blocks"]):
+        for c in order if b % 2 == 0 else order[::-1]:
+            out[f"at_{c}_s"].append(block(c))
+    return out
+
+
+RUNNERS = {"qwen2rt": _run_qwen2rt, "torch": _run_torch, "llama": _run_llama, "paired": _run_paired_decode,
+           "contexts": _run_paired_contexts}
 
 
 def peak_rss_bytes() -> int:
@@ -497,6 +529,9 @@ def main() -> None:
     ap.add_argument("--paired-blocks", type=int, default=16,
                     help="decode and prefill ratios in one process: this many alternating blocks of 16 decode "
                          "steps and one prefill, each engine (0: none)")
+    ap.add_argument("--context-blocks", type=int, default=12,
+                    help="with --contexts: decode at 128 tokens of context against each of them in one process, "
+                         "this many alternating blocks of 16 steps each (0: none)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--png", default=None, help="write a chart here (needs matplotlib)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -581,6 +616,33 @@ def main() -> None:
             "prefill_ratio_max": prefills[-1], "raw": res}
         print(f"paired decode {e} / {twin}: done", file=sys.stderr)
 
+    # Decode at long contexts against decode at 128 tokens, in one process per qwen2rt engine
+    # (_run_paired_contexts): the ratio the issue sets a bound on, without the host's periods in it.
+    at_contexts = {}
+    for e in engines if contexts and a.context_blocks > 0 else []:
+        kind, dtype = e.split("-", 1)
+        if kind != "qwen2rt":
+            continue
+        spec = dict(engine="contexts", dtype=dtype, model=gguf, gguf=gguf, threads=a.threads, short=128,
+                    contexts=contexts, blocks=a.context_blocks, block=16,
+                    max_context=max(contexts) + 16 * a.context_blocks + 64)
+        p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if p.returncode != 0 or line is None:
+            print(f"contexts {e}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+            continue
+        res = json.loads(line[7:])
+        short = res["at_128_s"]
+        r = {"decode@128_tok_s": 16 * len(short) / sum(short), "raw": res}
+        for c in contexts:
+            long = res[f"at_{c}_s"]
+            blocks = sorted(100 * s / t for s, t in zip(short, long))
+            r[f"decode@{c}_tok_s"] = 16 * len(long) / sum(long)
+            r[f"decode@{c}_pct"] = 100 * sum(short) / sum(long)
+            r[f"decode@{c}_block_pct"] = (blocks[0], statistics.median(blocks), blocks[-1])
+        at_contexts[e] = r
+        print(f"contexts {e}: done", file=sys.stderr)
+
     rows = {}
     for e, runs in results.items():
         if not runs:
@@ -664,10 +726,21 @@ def main() -> None:
                   f"{r['block_ratio_min']:.2f} / {r['block_ratio_median']:.2f} / {r['block_ratio_max']:.2f} | "
                   f"{r['qwen2rt_prefill_tok_s']:.0f} / {r['llama_prefill_tok_s']:.0f} | "
                   f"{r['prefill_ratio_median']:.2f} ({r['prefill_ratio_min']:.2f}-{r['prefill_ratio_max']:.2f}) |")
+    if at_contexts:
+        print(f"\nIn one process, decode after 128 tokens of context and after {', '.join(map(str, contexts))}, "
+              f"{a.context_blocks} alternating blocks of 16 steps each (block ratios: long / short, each block "
+              f"against the short block beside it):\n")
+        print("| engine | decode@128 tok/s | " + " | ".join(f"decode@{c} tok/s | % of decode@128 | block % min / "
+                                                            f"median / max" for c in contexts) + " |")
+        print("|---|---|" + "---|---|---|" * len(contexts))
+        for e, r in at_contexts.items():
+            print(f"| {e} | {r['decode@128_tok_s']:.1f} | " + " | ".join(
+                f"{r[f'decode@{c}_tok_s']:.1f} | {r[f'decode@{c}_pct']:.0f}% | "
+                + " / ".join(f"{x:.0f}" for x in r[f"decode@{c}_block_pct"]) for c in contexts) + " |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": gguf, "threads": a.threads, "bandwidth_Bps": bw, "bandwidth_samples_Bps": bws,
-                       "paired_decode": paired,
+                       "paired_decode": paired, "decode_at_contexts": at_contexts,
                        "multiply_add_peaks_flops": peaks,
                        "weights_per_token": per_token,
                        "system": system_info(), "builds": builds, "rows": rows, "raw": results}, f, indent=2)

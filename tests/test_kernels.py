@@ -373,3 +373,27 @@ def test_attention_seconds_times_the_kernel():
         assert 0 < _core.kernels.attention_seconds("generic", 2, 6, 9, kv, 1, 1, 1) < 10
     with pytest.raises(qwen2rt.InvalidInputError, match="attention_seconds"):
         _core.kernels.attention_seconds("generic", 0, 64, 40)
+
+
+def test_bench_decode_at_contexts_in_one_process(tmp_path):
+    # bench.py's long-context ratio: a model per context in one process, alternating blocks of decode
+    # steps; each block is timed, and the long model goes on from its prompt (its cache grows by a
+    # block each time, so max_context must hold all of them).
+    import importlib.util
+    import os
+
+    from tiny_model import make_checkpoint
+
+    make_checkpoint(tmp_path / "m", seed=5)
+    s = importlib.util.spec_from_file_location("bench", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                                                      "bench.py"))
+    bench = importlib.util.module_from_spec(s)
+    s.loader.exec_module(bench)
+    spec = dict(model=str(tmp_path / "m"), gguf=None, dtype="f32", threads=1, short=8, contexts=[40, 24], blocks=3,
+                block=4, max_context=40 + 3 * 4)
+    out = bench._run_paired_contexts(spec)
+    assert sorted(out) == ["at_24_s", "at_40_s", "at_8_s"]
+    assert all(len(v) == 3 and min(v) > 0 for v in out.values())
+    spec["max_context"] = 40 + 2 * 4  # one block short: the long model's third block does not fit
+    with pytest.raises(qwen2rt.InvalidInputError):
+        bench._run_paired_contexts(spec)
