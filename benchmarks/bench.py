@@ -1,6 +1,7 @@
 """qwen2rt against llama.cpp (llama-cpp-python) and PyTorch on the same model, prompt and threads.
 
-    python benchmarks/bench.py                       # default model, every engine installed
+    python benchmarks/bench.py                       # default model, every engine installed, 2k and 8k contexts
+    python benchmarks/bench.py --contexts ''         # the same without the long contexts (shorter)
     python benchmarks/bench.py --engines qwen2rt-bf16,torch-bf16 --rounds 3 --json out.json
     python benchmarks/bench.py --engines qwen2rt-q4c,qwen2rt-q4c/bf16 --contexts 8192   # KV cache dtypes
 
@@ -524,7 +525,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", default="128,512", help="prefill lengths")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens")
-    ap.add_argument("--contexts", default="", help="decode at these context lengths too, e.g. 2048,8192")
+    ap.add_argument("--contexts", default="2048,8192", help="decode at these context lengths too ('': none)")
     ap.add_argument("--batches", default="", help="qwen2rt: aggregate decode tok/s at these batch sizes, e.g. 1,4,8")
     ap.add_argument("--paired-blocks", type=int, default=16,
                     help="decode and prefill ratios in one process: this many alternating blocks of 16 decode "
@@ -655,7 +656,7 @@ def main() -> None:
                "peak_rss_gb": med["peak_rss_bytes"] / 1e9}
         for p in prompts:
             row[f"prefill{p}_tok_s"] = p / med[f"prefill_{p}_s"]
-        row["ttft128_s"] = med.get(f"prefill_{prompts[0]}_s")
+        row[f"ttft{prompts[0]}_s"] = med.get(f"prefill_{prompts[0]}_s")  # the prefill ends in the first token's argmax
         row["decode_tok_s"] = a.decode / med["decode_s"]
         for c in contexts:
             row[f"decode@{c}_tok_s"] = a.decode / med[f"decode_at_{c}_s"]
@@ -683,7 +684,7 @@ def main() -> None:
         return max(vals) if vals else None
 
     cols = ["engine", "load_s", "first_s"] + [f"prefill{p}_tok_s" for p in dict.fromkeys([prompts[0], prompts[-1]])] + \
-           ["decode_tok_s"] + \
+           [f"ttft{prompts[0]}_s", "decode_tok_s"] + \
            [x for c in contexts for x in (f"decode@{c}_tok_s", f"decode@{c}_pct")] + \
            [f"batch{b}_tok_s" for b in batches] + \
            ["decode_GB_s", "roofline_pct", "roofline_best_pct", "prefill_GFLOP_s", "prefill_peak_pct", "peak_rss_gb",
