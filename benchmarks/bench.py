@@ -405,6 +405,9 @@ def _run_paired_contexts(spec: dict) -> dict:
     return out
 
 
+# The context the long ones are set against in the one-process measure (_run_paired_contexts).
+SHORT_CONTEXT = 128
+
 RUNNERS = {"qwen2rt": _run_qwen2rt, "torch": _run_torch, "llama": _run_llama, "paired": _run_paired_decode,
            "contexts": _run_paired_contexts}
 
@@ -624,7 +627,7 @@ def main() -> None:
         kind, dtype = e.split("-", 1)
         if kind != "qwen2rt":
             continue
-        spec = dict(engine="contexts", dtype=dtype, model=gguf, gguf=gguf, threads=a.threads, short=128,
+        spec = dict(engine="contexts", dtype=dtype, model=gguf, gguf=gguf, threads=a.threads, short=SHORT_CONTEXT,
                     contexts=contexts, blocks=a.context_blocks, block=16,
                     max_context=max(contexts) + 16 * a.context_blocks + 64)
         p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
@@ -633,11 +636,11 @@ def main() -> None:
             print(f"contexts {e}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
             continue
         res = json.loads(line[7:])
-        short = res["at_128_s"]
-        r = {"decode@128_tok_s": 16 * len(short) / sum(short), "raw": res}
+        short = res[f"at_{SHORT_CONTEXT}_s"]
+        r = {"decode_short_tok_s": 16 * len(short) / sum(short), "raw": res}
         for c in contexts:
             long = res[f"at_{c}_s"]
-            blocks = sorted(100 * s / t for s, t in zip(short, long))
+            blocks = sorted(100 * a_s / a_l for a_s, a_l in zip(short, long))
             r[f"decode@{c}_tok_s"] = 16 * len(long) / sum(long)
             r[f"decode@{c}_pct"] = 100 * sum(short) / sum(long)
             r[f"decode@{c}_block_pct"] = (blocks[0], statistics.median(blocks), blocks[-1])
@@ -728,14 +731,15 @@ def main() -> None:
                   f"{r['qwen2rt_prefill_tok_s']:.0f} / {r['llama_prefill_tok_s']:.0f} | "
                   f"{r['prefill_ratio_median']:.2f} ({r['prefill_ratio_min']:.2f}-{r['prefill_ratio_max']:.2f}) |")
     if at_contexts:
-        print(f"\nIn one process, decode after 128 tokens of context and after {', '.join(map(str, contexts))}, "
+        n = SHORT_CONTEXT
+        print(f"\nIn one process, decode after {n} tokens of context and after {', '.join(map(str, contexts))}, "
               f"{a.context_blocks} alternating blocks of 16 steps each (block ratios: long / short, each block "
               f"against the short block beside it):\n")
-        print("| engine | decode@128 tok/s | " + " | ".join(f"decode@{c} tok/s | % of decode@128 | block % min / "
-                                                            f"median / max" for c in contexts) + " |")
+        print(f"| engine | decode@{n} tok/s | " + " | ".join(
+            f"decode@{c} tok/s | % of decode@{n} | block % min / median / max" for c in contexts) + " |")
         print("|---|---|" + "---|---|---|" * len(contexts))
         for e, r in at_contexts.items():
-            print(f"| {e} | {r['decode@128_tok_s']:.1f} | " + " | ".join(
+            print(f"| {e} | {r['decode_short_tok_s']:.1f} | " + " | ".join(
                 f"{r[f'decode@{c}_tok_s']:.1f} | {r[f'decode@{c}_pct']:.0f}% | "
                 + " / ".join(f"{x:.0f}" for x in r[f"decode@{c}_block_pct"]) for c in contexts) + " |")
     if a.json:
