@@ -427,6 +427,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def _run_child(spec: dict, what: str) -> dict | None:
+    """One runner (RUNNERS[spec["engine"]]) in a child process of its own: its result, or None (said on
+    stderr, with the child's last words) if it failed."""
+    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        print(f"{what}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[7:])
+
+
 def child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     out = RUNNERS[spec["engine"]](spec)
@@ -577,12 +588,10 @@ def main() -> None:
             spec = dict(engine=kind, dtype=dtype, model=gguf, gguf=gguf, threads=a.threads, prompts=prompts,
                         decode=a.decode, contexts=contexts, batches=batches,
                         max_context=max(prompts + contexts + [64]) + a.decode + 64)
-            p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if p.returncode != 0 or line is None:
-                print(f"round {r + 1} {e}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+            res = _run_child(spec, f"round {r + 1} {e}")
+            if res is None:
                 continue
-            results[e].append(json.loads(line[7:]))
+            results[e].append(res)
             # after every engine: the host's bandwidth comes and goes with its other tenants
             bws.append(read_bandwidth(a.threads))
             peaks = {k: max(v, peaks.get(k, 0.0)) for k, v in multiply_add_peaks(a.threads).items()}
@@ -601,12 +610,9 @@ def main() -> None:
         spec = dict(engine="paired", dtype=dtype, llama_dtype=twin.split("-", 1)[1], model=gguf, gguf=gguf,
                     threads=a.threads, blocks=a.paired_blocks, block=16, prefill=prompts[-1],
                     max_context=max(1024, prompts[-1] + 64))
-        p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if p.returncode != 0 or line is None:
-            print(f"paired decode {e} / {twin}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+        res = _run_child(spec, f"paired decode {e} / {twin}")
+        if res is None:
             continue
-        res = json.loads(line[7:])
         ours, theirs = res["qwen2rt_s"], res["llama_s"]
         blocks = sorted(t / o for o, t in zip(ours, theirs))
         prefills = sorted(t / o for o, t in zip(res["qwen2rt_prefill_s"], res["llama_prefill_s"]))
@@ -630,12 +636,9 @@ def main() -> None:
         spec = dict(engine="contexts", dtype=dtype, model=gguf, gguf=gguf, threads=a.threads, short=SHORT_CONTEXT,
                     contexts=contexts, blocks=a.context_blocks, block=16,
                     max_context=max(contexts) + 16 * a.context_blocks + 64)
-        p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if p.returncode != 0 or line is None:
-            print(f"contexts {e}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+        res = _run_child(spec, f"contexts {e}")
+        if res is None:
             continue
-        res = json.loads(line[7:])
         short = res[f"at_{SHORT_CONTEXT}_s"]
         r = {"decode_short_tok_s": 16 * len(short) / sum(short), "raw": res}
         for c in contexts:
