@@ -144,14 +144,19 @@ def _run_qwen2rt(spec: dict) -> dict:
         logits = m.forward(ids[:p])
         int(np.argmax(logits))
         out[f"prefill_{p}_s"] = time.perf_counter() - t
-    # decode D tokens after a short prompt
-    def decode(prefix: list[int], steps: int) -> float:
+    # decode D tokens after a short prompt; (prefill seconds, decode seconds)
+    def decode(prefix: list[int], steps: int) -> tuple[float, float]:
         m.reset()
-        return _qwen2rt_greedy(m, m.forward(prefix), steps)[0]
+        t = time.perf_counter()
+        logits = m.forward(prefix)
+        int(np.argmax(logits))
+        prefill = time.perf_counter() - t
+        return prefill, _qwen2rt_greedy(m, logits, steps)[0]
 
-    _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"]))
+    _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"])[1])
     for c in spec["contexts"]:
-        out[f"decode_at_{c}_s"] = decode(ids[:c], 32) / 32 * spec["decode"]
+        out[f"prefill_at_{c}_s"], d = decode(ids[:c], 32)
+        out[f"decode_at_{c}_s"] = d / 32 * spec["decode"]
     for b in spec.get("batches", []):  # aggregate decode tokens/s of b sequences decoded together
         prompts = [ids[i * 8 : i * 8 + 8 + i] for i in range(b)]  # different lengths
         m.reset()
@@ -218,18 +223,21 @@ def _run_torch(spec: dict) -> dict:
             model(torch.tensor([ids[:p]]), use_cache=True).logits[0, -1].argmax()
             out[f"prefill_{p}_s"] = time.perf_counter() - t
 
-        def decode(prefix: list[int], steps: int) -> float:
+        def decode(prefix: list[int], steps: int) -> tuple[float, float]:
+            t = time.perf_counter()
             r = model(torch.tensor([prefix]), use_cache=True)
             past, nxt = r.past_key_values, r.logits[0, -1].argmax().view(1, 1)
+            prefill = time.perf_counter() - t
             t = time.perf_counter()
             for _ in range(steps):
                 r = model(nxt, past_key_values=past, use_cache=True)
                 past, nxt = r.past_key_values, r.logits[0, -1].argmax().view(1, 1)
-            return time.perf_counter() - t
+            return prefill, time.perf_counter() - t
 
-        _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"]))
+        _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"])[1])
         for c in spec["contexts"]:
-            out[f"decode_at_{c}_s"] = decode(ids[:c], 32) / 32 * spec["decode"]
+            out[f"prefill_at_{c}_s"], d = decode(ids[:c], 32)
+            out[f"decode_at_{c}_s"] = d / 32 * spec["decode"]
     return out
 
 
@@ -305,14 +313,18 @@ def _run_llama(spec: dict) -> dict:
         _llama_argmax(llm)
         out[f"prefill_{p}_s"] = time.perf_counter() - t
 
-    def decode(prefix: list[int], steps: int) -> float:
+    def decode(prefix: list[int], steps: int) -> tuple[float, float]:
         llm.reset()
+        t = time.perf_counter()
         llm.eval(prefix)
-        return _llama_greedy(llm, steps)
+        _llama_argmax(llm)
+        prefill = time.perf_counter() - t
+        return prefill, _llama_greedy(llm, steps)
 
-    _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"]))
+    _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"])[1])
     for c in spec["contexts"]:
-        out[f"decode_at_{c}_s"] = decode(ids[:c], 32) / 32 * spec["decode"]
+        out[f"prefill_at_{c}_s"], d = decode(ids[:c], 32)
+        out[f"decode_at_{c}_s"] = d / 32 * spec["decode"]
     return out
 
 
@@ -665,6 +677,7 @@ def main() -> None:
         row[f"ttft{prompts[0]}_s"] = med.get(f"prefill_{prompts[0]}_s")  # the prefill ends in the first token's argmax
         row["decode_tok_s"] = a.decode / med["decode_s"]
         for c in contexts:
+            row[f"prefill@{c}_tok_s"] = c / med[f"prefill_at_{c}_s"]  # a long prompt, where attention weighs more
             row[f"decode@{c}_tok_s"] = a.decode / med[f"decode_at_{c}_s"]
             row[f"decode@{c}_pct"] = 100 * row[f"decode@{c}_tok_s"] / row["decode_tok_s"]
         for b in batches:
@@ -691,7 +704,7 @@ def main() -> None:
 
     cols = ["engine", "load_s", "first_s"] + [f"prefill{p}_tok_s" for p in dict.fromkeys([prompts[0], prompts[-1]])] + \
            [f"ttft{prompts[0]}_s", "decode_tok_s"] + \
-           [x for c in contexts for x in (f"decode@{c}_tok_s", f"decode@{c}_pct")] + \
+           [x for c in contexts for x in (f"prefill@{c}_tok_s", f"decode@{c}_tok_s", f"decode@{c}_pct")] + \
            [f"batch{b}_tok_s" for b in batches] + \
            ["decode_GB_s", "roofline_pct", "roofline_best_pct", "prefill_GFLOP_s", "prefill_peak_pct", "peak_rss_gb",
             "rss_x_weights_kv", "vs_llama_decode", "vs_torch_decode", "vs_best_prefill"]
