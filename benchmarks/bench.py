@@ -135,23 +135,23 @@ def _run_qwen2rt(spec: dict) -> dict:
     embed = m._core.tensor_bytes("model.embed_tokens.weight")[1].nbytes
     out["read_bytes_per_token"] = m._core.weight_bytes - (0 if m.config.tie_word_embeddings else embed)
     ids = _prompt_ids(m.tokenize, max(spec["prompts"] + spec["contexts"] + [8]))
-    t = time.perf_counter()
-    int(np.argmax(m.forward(ids[:8])))
-    out["first_s"] = time.perf_counter() - t  # a mapped (converted) model reads its weights in here
-    for p in spec["prompts"]:
-        m.reset()
-        t = time.perf_counter()
-        logits = m.forward(ids[:p])
-        int(np.argmax(logits))
-        out[f"prefill_{p}_s"] = time.perf_counter() - t
-    # decode D tokens after a short prompt; (prefill seconds, decode seconds)
-    def decode(prefix: list[int], steps: int) -> tuple[float, float]:
+
+    def prefill(prefix: list[int]):
+        """(seconds, logits) of a prompt from an empty cache, up to its first token's argmax"""
         m.reset()
         t = time.perf_counter()
         logits = m.forward(prefix)
         int(np.argmax(logits))
-        prefill = time.perf_counter() - t
-        return prefill, _qwen2rt_greedy(m, logits, steps)[0]
+        return time.perf_counter() - t, logits
+
+    out["first_s"] = prefill(ids[:8])[0]  # a mapped (converted) model reads its weights in here
+    for p in spec["prompts"]:
+        out[f"prefill_{p}_s"] = prefill(ids[:p])[0]
+
+    # decode D tokens after a prompt: (prefill seconds, decode seconds)
+    def decode(prefix: list[int], steps: int) -> tuple[float, float]:
+        seconds, logits = prefill(prefix)
+        return seconds, _qwen2rt_greedy(m, logits, steps)[0]
 
     _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"])[1])
     for c in spec["contexts"]:
@@ -215,24 +215,25 @@ def _run_torch(spec: dict) -> dict:
            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     ids = _prompt_ids(lambda s: tok.encode(s), max(spec["prompts"] + spec["contexts"] + [8]))
     with torch.inference_mode():
-        t = time.perf_counter()
-        model(torch.tensor([ids[:8]]), use_cache=True).logits[0, -1].argmax()
-        out["first_s"] = time.perf_counter() - t
-        for p in spec["prompts"]:
-            t = time.perf_counter()
-            model(torch.tensor([ids[:p]]), use_cache=True).logits[0, -1].argmax()
-            out[f"prefill_{p}_s"] = time.perf_counter() - t
 
-        def decode(prefix: list[int], steps: int) -> tuple[float, float]:
+        def prefill(prefix: list[int]):
+            """(seconds, the cache, the first token) of a prompt, up to its first token's argmax"""
             t = time.perf_counter()
             r = model(torch.tensor([prefix]), use_cache=True)
-            past, nxt = r.past_key_values, r.logits[0, -1].argmax().view(1, 1)
-            prefill = time.perf_counter() - t
+            nxt = r.logits[0, -1].argmax().view(1, 1)
+            return time.perf_counter() - t, r.past_key_values, nxt
+
+        out["first_s"] = prefill(ids[:8])[0]
+        for p in spec["prompts"]:
+            out[f"prefill_{p}_s"] = prefill(ids[:p])[0]
+
+        def decode(prefix: list[int], steps: int) -> tuple[float, float]:
+            seconds, past, nxt = prefill(prefix)
             t = time.perf_counter()
             for _ in range(steps):
                 r = model(nxt, past_key_values=past, use_cache=True)
                 past, nxt = r.past_key_values, r.logits[0, -1].argmax().view(1, 1)
-            return prefill, time.perf_counter() - t
+            return seconds, time.perf_counter() - t
 
         _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"])[1])
         for c in spec["contexts"]:
@@ -302,24 +303,20 @@ def _run_llama(spec: dict) -> dict:
     ids = _prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False),
                       max(spec["prompts"] + spec["contexts"] + [8]))
 
-    t = time.perf_counter()
-    llm.eval(ids[:8])
-    _llama_argmax(llm)
-    out["first_s"] = time.perf_counter() - t
-    for p in spec["prompts"]:
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(ids[:p])
-        _llama_argmax(llm)
-        out[f"prefill_{p}_s"] = time.perf_counter() - t
-
-    def decode(prefix: list[int], steps: int) -> tuple[float, float]:
+    def prefill(prefix: list[int]) -> float:
+        """seconds of a prompt from an empty cache, up to its first token's argmax"""
         llm.reset()
         t = time.perf_counter()
         llm.eval(prefix)
         _llama_argmax(llm)
-        prefill = time.perf_counter() - t
-        return prefill, _llama_greedy(llm, steps)
+        return time.perf_counter() - t
+
+    out["first_s"] = prefill(ids[:8])
+    for p in spec["prompts"]:
+        out[f"prefill_{p}_s"] = prefill(ids[:p])
+
+    def decode(prefix: list[int], steps: int) -> tuple[float, float]:
+        return prefill(prefix), _llama_greedy(llm, steps)
 
     _timed_decode(out, spec["threads"], lambda: decode(ids[:8], spec["decode"])[1])
     for c in spec["contexts"]:
@@ -394,9 +391,9 @@ def _run_paired_contexts(spec: dict) -> dict:
     greedy steps (in reverse order every other block), so that the ratio of long to short sees the same
     host periods. The short model restarts from its spec["short"]-token prompt before every block (its
     prefill is not timed); each long one prefills once and goes on from there."""
-    ctxs = spec["contexts"]
-    short = spec["short"]
-    models = {c: _open_qwen2rt(spec) for c in [short] + ctxs}
+    ctxs, short = spec["contexts"], spec["short"]
+    order = [short] + ctxs
+    models = {c: _open_qwen2rt(spec) for c in order}
     ids = _prompt_ids(models[short].tokenize, max(ctxs))
     state = {c: models[c].forward(ids[:c]) for c in ctxs}
     steps = spec["block"]
@@ -409,7 +406,6 @@ def _run_paired_contexts(spec: dict) -> dict:
         elapsed, state[c] = _qwen2rt_greedy(m, state[c], steps)
         return elapsed
 
-    order = [short] + ctxs
     out = {f"at_{c}_s": [] for c in order}
     for b in range(spec["blocks"]):
         for c in order if b % 2 == 0 else order[::-1]:
