@@ -653,6 +653,110 @@ PYBIND11_MODULE(_core, m) {
             return Y;
         },
         py::arg("isa"), py::arg("X"), py::arg("W"), py::arg("Y0"), py::arg("n0") = 0, py::arg("n1") = -1);
+    // Token tiles (a tile backend's prompt path, kernels.h): weights as matmul_on_tiles takes them
+    struct TileWeights {
+        DType dtype;
+        std::vector<uint16_t> bf16;
+        std::vector<uint8_t> q;
+        const void* data() const { return dtype == DType::BF16 ? static_cast<const void*>(bf16.data()) : q.data(); }
+    };
+    auto tile_weights = [](const std::string& fmt, py::array W, int N, int Kd) {
+        // fmt bf16: W uint16 [N, K] of bf16 bits; q8 / q4: W the bytes of quantize_weights
+        TileWeights t{parse_dtype(fmt), {}, {}};
+        if (t.dtype == DType::BF16) {
+            if (!py::isinstance<py::array_t<uint16_t>>(W) || W.ndim() != 2 || W.shape(0) != N || W.shape(1) != Kd)
+                throw InvalidArgument("tiles: bf16 W is uint16 [N, K]");
+            t.bf16 = packed_bf16(W);
+        } else if (t.dtype == DType::Q8 || t.dtype == DType::Q4) {
+            auto b = W.cast<py::array_t<uint8_t, py::array::c_style>>();
+            if (size_t(b.size()) != (t.dtype == DType::Q4 ? q4_bytes(N, Kd) : q8_bytes(N, Kd)))
+                throw InvalidArgument("tiles: packed size does not match N, K");
+            t.q.assign(b.data(), b.data() + b.size());
+        } else {
+            throw InvalidArgument("tiles: fmt is bf16, q8 or q4");
+        }
+        return t;
+    };
+    auto nan_tiles = [](int M, int Kd) {  // 64-byte aligned, as the model's (kernels.h)
+        AlignedBuffer b(tile_tokens_size(M, Kd) * 2);
+        std::fill(b.as<uint16_t>(), b.as<uint16_t>() + tile_tokens_size(M, Kd), uint16_t(0x7fc0));
+        return b;
+    };
+    // X's rows as token tiles, each row written in `shares` column ranges (multiples of 32), as the
+    // threads that write an input's columns write them; rows past M hold NaN, which must not show.
+    auto to_tiles = [=](const Kernels& K, const F32Array& X, int shares) {
+        const int M = int(X.shape(0)), Kd = int(X.shape(1)), units = (Kd + 31) / 32;
+        AlignedBuffer tiles = nan_tiles(M, Kd);
+        for (int t = 0; t < M; t++)
+            for (int i = 0; i < shares; i++) {
+                const int a = std::min(Kd, units * i / shares * 32), b = std::min(Kd, units * (i + 1) / shares * 32);
+                if (a < b) K.tile_tokens(X.data() + size_t(t) * Kd, Kd, t, a, b, tiles.as<uint16_t>());
+            }
+        return tiles;
+    };
+    auto tile_kernels = [](const std::string& isa) -> const Kernels& {
+        const Kernels& K = kernels_or_throw(isa);
+        if (!K.matmul_tiles) throw InvalidArgument("ISA '" + isa + "' has no token tiles");
+        return K;
+    };
+    k.def(
+        "matmul_on_tiles",
+        [=](const std::string& isa, const std::string& fmt, F32Array X, py::array W, int N, py::object bias, int n0,
+            int n1, py::object y0, int shares) {
+            // Y[:, n0:n1] = X W[n0:n1]^T (+ bias), or with y0, y0 with that added; the other columns 0 / y0
+            const Kernels& K = tile_kernels(isa);
+            if (X.ndim() != 2 || X.shape(0) < kMinTileTokens || shares < 1)
+                throw InvalidArgument("matmul_on_tiles: X [M >= 16, K], shares >= 1");
+            const int M = int(X.shape(0)), Kd = int(X.shape(1));
+            check_row_range("matmul_on_tiles", N, n0, n1);
+            const TileWeights w = tile_weights(fmt, W, N, Kd);
+            std::vector<float> b;
+            if (!bias.is_none()) {
+                auto ba = bias.cast<F32Array>();
+                if (ba.ndim() != 1 || ba.shape(0) != N) throw InvalidArgument("matmul_on_tiles: bias [N]");
+                b.assign(ba.data(), ba.data() + N);
+            }
+            py::array_t<float> Y({M, N});
+            std::fill(Y.mutable_data(), Y.mutable_data() + size_t(M) * N, 0.f);
+            const bool add = !y0.is_none();
+            if (add) {
+                auto y = y0.cast<F32Array>();
+                if (y.ndim() != 2 || y.shape(0) != M || y.shape(1) != N) throw InvalidArgument("matmul_on_tiles: y0 [M,N]");
+                std::memcpy(Y.mutable_data(), y.data(), size_t(M) * N * 4);
+            }
+            const AlignedBuffer tiles = to_tiles(K, X, shares);
+            K.matmul_tiles(tiles.as<uint16_t>(), M, Kd, int(w.dtype), w.data(), b.empty() ? nullptr : b.data(), Y.mutable_data(),
+                           N, n0, n1, add);
+            return Y;
+        },
+        py::arg("isa"), py::arg("fmt"), py::arg("x"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none(),
+        py::arg("n0") = 0, py::arg("n1") = -1, py::arg("y0") = py::none(), py::arg("shares") = 1);
+    k.def(
+        "mlp_on_tiles",
+        [=](const std::string& isa, const std::string& fmt, F32Array X, py::array gate, py::array up, py::array down,
+            int I, int N, F32Array y0, int shares) {
+            // y0 + down(silu(gate(X)) * up(X)) as a prompt's MLP runs on token tiles: the hidden rows'
+            // columns in `shares` ranges (multiples of 32) from swiglu_tiles, down_proj added into y0
+            const Kernels& K = tile_kernels(isa);
+            if (X.ndim() != 2 || X.shape(0) < kMinTileTokens || shares < 1 || y0.ndim() != 2 ||
+                y0.shape(0) != X.shape(0) || y0.shape(1) != N)
+                throw InvalidArgument("mlp_on_tiles: X [M >= 16, K], y0 [M, N], shares >= 1");
+            const int M = int(X.shape(0)), Kd = int(X.shape(1));
+            const TileWeights g = tile_weights(fmt, gate, I, Kd), u = tile_weights(fmt, up, I, Kd), d = tile_weights(fmt, down, N, I);
+            const AlignedBuffer tiles = to_tiles(K, X, 1), h = nan_tiles(M, I);
+            const int units = (I + 31) / 32;
+            for (int i = 0; i < shares; i++) {
+                const int a = std::min(I, units * i / shares * 32), b = std::min(I, units * (i + 1) / shares * 32);
+                if (a < b)
+                    K.swiglu_tiles(tiles.as<uint16_t>(), M, Kd, int(g.dtype), g.data(), u.data(), a, b, h.as<uint16_t>(), I);
+            }
+            py::array_t<float> Y({M, N});
+            std::memcpy(Y.mutable_data(), y0.data(), size_t(M) * N * 4);
+            K.matmul_tiles(h.as<uint16_t>(), M, I, int(d.dtype), d.data(), nullptr, Y.mutable_data(), N, 0, N, true);
+            return Y;
+        },
+        py::arg("isa"), py::arg("fmt"), py::arg("x"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("i"),
+        py::arg("n"), py::arg("y0"), py::arg("shares") = 2);
     k.def("has_bf16_swiglu", [](const std::string& isa) { return kernels_or_throw(isa).matmul_bf16_swiglu != nullptr; });
     k.def(
         "attention_seconds",

@@ -108,7 +108,34 @@ struct Kernels {
     // added into the residual stream as it is stored. nullptr where the table has none.
     void (*matmul_bf16_add)(const float* X, int ldx, int M, int K, const uint16_t* W, float* Y, int ldy, int n0,
                             int n1) = nullptr;
+
+    // --- token tiles: a tile backend's (AMX) prompt input, made once per input ---
+    // The columns [c0, c1) of token row t (x: that row; c0 a multiple of 32, c1 too unless it is K)
+    // rounded to bf16 into `tiles`, the order the tile products read (tile_tokens_size): as the int8
+    // form of an input is made once by the threads that write its rows (qwen2.cpp, MatmulInput) and
+    // read by every product, so the tiles are, instead of every thread rearranging all of a prompt's
+    // tokens at every product. nullptr where a table has none.
+    void (*tile_tokens)(const float* x, int K, int t, int c0, int c1, uint16_t* tiles) = nullptr;
+    // Y[m*ldy + n] (+)= tokens_m . W[n] (+ bias[n]) for m < M (M >= kMinTileTokens), n0 <= n < n1, on
+    // token tiles of M rows of K columns and a bf16, q8 or q4 W (matmul_bf16's and matmul_q8's
+    // layouts and n0 rules). add: the products are added into Y as they are stored (a residual).
+    void (*matmul_tiles)(const uint16_t* tiles, int M, int K, int dtype, const void* W, const float* bias, float* Y,
+                         int ldy, int n0, int n1, bool add) = nullptr;
+    // The MLP on token tiles: silu(tokens_m . Wgate[n]) * (tokens_m . Wup[n]) for n0 <= n < n1 (n0 a
+    // multiple of 32, n1 too unless it is I) into h_tiles, the token tiles of M hidden rows of I
+    // columns (down_proj's input); gate and up of one dtype, as matmul_tiles takes them. The same
+    // values as matmul_tiles twice, silu_mul and tile_tokens.
+    void (*swiglu_tiles)(const uint16_t* tiles, int M, int K, int dtype, const void* Wgate, const void* Wup, int n0,
+                         int n1, uint16_t* h_tiles, int I) = nullptr;
 };
+
+// Token tiles (Kernels::tile_tokens): pairs of 16-token tiles, and in each pair, for each block of 32
+// columns, the two tiles' 16 rows of 32 bf16 side by side (2 KiB), 64-byte aligned. Rows past M are
+// never stored from; they may hold anything.
+constexpr int kMinTileTokens = 16;
+inline size_t tile_tokens_size(int M, int K) {  // uint16s
+    return size_t(M + 31) / 32 * (size_t(K + 31) / 32) * 1024;
+}
 
 // Token panels, the input of the AVX-512 bf16 prompt products: M rows of K columns as bf16 pairs
 // (unit u: columns 2u and 2u + 1, rounded to nearest even), kBf16PanelTokens rows to a panel, and a

@@ -30,6 +30,7 @@
 #include <unistd.h>
 #endif
 
+#include "common.h"
 #include "cpu_features.h"
 #include "kernels.h"
 #include "numeric.h"
@@ -39,6 +40,7 @@ namespace qwen2rt {
 namespace amx {
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int imax(int a, int b) { return a > b ? a : b; }
 
 // The 64-byte operand of ldtilecfg (palette 1: eight tiles of up to 16 rows of 64 bytes).
 struct alignas(64) TileConfig {
@@ -134,64 +136,149 @@ struct EmulatedTiles {
 // is, for each of 16 weight rows, its columns 2r and 2r + 1. A packed bf16 group (quant.h) is
 // exactly that, 32 rows wide: a B tile is 16 of its column pairs for 16 of its rows, rows of 64
 // bytes 128 apart, read as it lies. q8 / q4 weights are dequantized into the same shape (below).
-// The tokens are rounded to bf16 once per call, rows zero-padded to whole blocks of 32 columns
-// (avx512::rows_to_bf16, as the AVX-512 prefill rounds them): an A tile is 16 tokens x 32 columns.
+// The tokens are rounded to bf16 once per call (tokens_to_tile_pairs): an A tile is 16 tokens x 32
+// columns.
 
 constexpr int kTileTokens = 16;
-constexpr int kTokenBlock = 128;  // tokens whose bf16 rows (up to 1.2 MiB at K = 4864) stay in L2
+// The products' token tiles of a range of K stay in L2 while every weight row of the thread's share
+// meets them (2 MiB of L2 a core on Sapphire Rapids): all of K up to 2048 columns for a 256-token
+// chunk, so that only down_proj's K (4864 in the 0.5B model) goes in ranges.
+constexpr size_t kTokenRangeBytes = size_t(1) << 20;
 
-// C[i][j] in tmm 2i + j = the sum over nb column blocks of A[i] (tmm 4 + i) times B[j] (tmm 6 + j),
-// for i < NA, j < NB. Tile i of an operand starts at p + i * next and moves by step uint16s a
-// block; its rows are stride bytes apart.
-struct Operand {
-    const uint16_t* p;
-    size_t next, step, stride;
-};
-template <class Tiles, int NA, int NB>
-static void accumulate(const Operand& A, const Operand& B, int nb) {
-    Tiles::template zero<0>();
-    if (NB == 2) Tiles::template zero<1>();
-    if (NA == 2) Tiles::template zero<2>();
-    if (NA == 2 && NB == 2) Tiles::template zero<3>();
-    for (int b = 0; b < nb; b++) {
-        const uint16_t *a = A.p + size_t(b) * A.step, *bb = B.p + size_t(b) * B.step;
-        Tiles::template load<4>(a, A.stride);
-        Tiles::template load<6>(bb, B.stride);
-        Tiles::template dp_bf16<0, 4, 6>();
-        if (NB == 2) {
-            Tiles::template load<7>(bb + B.next, B.stride);
-            Tiles::template dp_bf16<1, 4, 7>();
-        }
-        if (NA == 2) {
-            Tiles::template load<5>(a + A.next, A.stride);
-            Tiles::template dp_bf16<2, 5, 6>();
-            if (NB == 2) Tiles::template dp_bf16<3, 5, 7>();
-        }
+// Token tiles (kernels.h: tile_tokens_size): columns [c0, c1) of token t rounded to bf16 (round to
+// nearest even, as the AVX-512 prefill rounds them), zeros past c1 in its last block. A pair of
+// tiles in one 2 KiB run is one stream for the hardware prefetcher, where token rows K apart were 32.
+static void tile_tokens_row(const float* x, int K, int t, int c0, int c1, uint16_t* tiles) {
+    uint16_t* o = tiles + size_t(t / 32) * q_blocks(K) * 1024 + size_t(t % 32) * 32;
+    for (int k = c0; k < c1; k += 32) {
+        const __mmask16 lo = k + 16 <= c1 ? __mmask16(0xffff) : __mmask16((1u << (c1 - k)) - 1);
+        const __mmask16 hi = k + 32 <= c1 ? __mmask16(0xffff) : k + 16 < c1 ? __mmask16((1u << (c1 - k - 16)) - 1) : 0;
+        const __m512 a = _mm512_maskz_loadu_ps(lo, x + k), b = _mm512_maskz_loadu_ps(hi, x + k + 16);
+        _mm512_store_si512(o + size_t(k / 32) * 1024, __m512i(_mm512_cvtne2ps_pbh(b, a)));
     }
 }
 
-// C[i][j] (16 tokens x 16 weight rows) into Y, for the tokens below M and rows below n1.
-template <class Tiles, int C>
-static void store_rows(float* Y, int ldy, int M, int m, int n, int n1, const float* bias) {
-    alignas(64) float c[16][16];
-    Tiles::template store<C>(c, 64);
-    const int nr = imin(kQRows, n1 - n);
-    for (int t = 0; t < 16 && m + t < M; t++)
-        for (int r = 0; r < nr; r++) Y[size_t(m + t) * ldy + n + r] = c[t][r] + (bias ? bias[n + r] : 0.f);
+// For the products called on f32 rows (matmul_bf16 / matmul_q8 / matmul_q4 of the table): the
+// thread's own token tiles of them, rows past M zero.
+static const uint16_t* tokens_to_tiles(const float* X, int ldx, int M, int K) {
+    static thread_local ThreadScratch<uint16_t> scratch;
+    const size_t size = tile_tokens_size(M, K);
+    uint16_t* out = scratch.get(size);
+    std::memset(out + size_t(M / 32) * q_blocks(K) * 1024, 0, (size - size_t(M / 32) * q_blocks(K) * 1024) * 2);
+    for (int t = 0; t < M; t++) tile_tokens_row(X + size_t(t) * ldx, K, t, 0, K, out);
+    return out;
 }
 
-// Tokens [m, m + 32) against NG B tiles of 16 weight rows (tile j at weights.p + j * weights.next):
-// C[i][j] is token tile i, rows n + 16j.
+// C[i][j] in tmm 2i + j = its initial value + the sum over nb column blocks of A[i] (tmm 4 + i) times
+// B[j] (tmm 6 + j), for i < 2, j < NB. The A tiles of block b are at a + 1024 b (tile 1 512 further
+// on), the B tiles at B.p[j] + b * B.step, rows B.stride bytes apart. C's initial
+// value: zero, or a tile load from init[c] with rows init_stride[c] bytes apart -- the outputs
+// themselves (a product added into them), or with stride 0 one row of 16 biases for every token.
+struct Operand {
+    const uint16_t* p[2];
+    size_t step, stride;
+};
+struct TileInit {
+    const float* p[4] = {};
+    size_t stride[4] = {};
+};
+template <class Tiles, int C>
+static void init_tile(const TileInit& init) {
+    if (init.p[C])
+        Tiles::template load<C>(init.p[C], init.stride[C]);
+    else
+        Tiles::template zero<C>();
+}
+template <class Tiles, int NB>
+static void accumulate(const uint16_t* a, const Operand& B, int nb, const TileInit& init) {
+    init_tile<Tiles, 0>(init);
+    init_tile<Tiles, 2>(init);
+    if (NB == 2) {
+        init_tile<Tiles, 1>(init);
+        init_tile<Tiles, 3>(init);
+    }
+    for (int b = 0; b < nb; b++, a += 1024) {
+        Tiles::template load<4>(a, 64);
+        Tiles::template load<6>(B.p[0] + size_t(b) * B.step, B.stride);
+        Tiles::template dp_bf16<0, 4, 6>();
+        if (NB == 2) {
+            Tiles::template load<7>(B.p[1] + size_t(b) * B.step, B.stride);
+            Tiles::template dp_bf16<1, 4, 7>();
+        }
+        Tiles::template load<5>(a + 512, 64);
+        Tiles::template dp_bf16<2, 5, 6>();
+        if (NB == 2) Tiles::template dp_bf16<3, 5, 7>();
+    }
+}
+
+// Where a tile of C (16 tokens from m x 16 weight rows from n) goes, and what it starts from. A
+// whole tile (tokens below M, rows below n1) is stored where it lies in Y; an edge tile goes through
+// a buffer. C starts from zero or the bias (a row repeated: stride 0), or, where the products are
+// added into Y (a residual, or the sums of the columns before this range of K), from Y itself:
+// loaded where it lies, or (an edge tile, or Y with a bias) from a zero-padded copy.
+struct TileSpot {
+    float* Y;
+    int ldy, M, n1;
+    const float* bias;  // null: none, or not in this range of K
+    bool from_y;
+    bool stored(int m, int n) const { return m < M && n < n1; }
+    bool whole(int m, int n) const { return m + kTileTokens <= M && n + kQRows <= n1; }
+};
+static void init_for(const TileSpot& s, int m, int n, int c, float (*pad)[16], TileInit& init) {
+    if (!s.stored(m, n)) return;  // zero
+    const int nr = imin(kQRows, s.n1 - n);
+    if (s.from_y && s.whole(m, n) && !s.bias) {
+        init.p[c] = s.Y + size_t(m) * s.ldy + n;
+        init.stride[c] = size_t(s.ldy) * 4;
+    } else if (s.from_y) {
+        for (int t = 0; t < 16; t++)
+            for (int r = 0; r < 16; r++)
+                pad[t][r] = m + t < s.M && r < nr ? s.Y[size_t(m + t) * s.ldy + n + r] + (s.bias ? s.bias[n + r] : 0.f) : 0.f;
+        init.p[c] = &pad[0][0];
+        init.stride[c] = 64;
+    } else if (s.bias) {
+        const float* row = s.bias + n;
+        if (nr < kQRows) {  // 16 values to read: a zero-padded copy
+            for (int r = 0; r < kQRows; r++) pad[0][r] = r < nr ? s.bias[n + r] : 0.f;
+            row = pad[0];
+        }
+        init.p[c] = row;
+        init.stride[c] = 0;
+    }
+}
+template <class Tiles, int C>
+static void store_tile(const TileSpot& s, int m, int n) {
+    if (!s.stored(m, n)) return;
+    if (s.whole(m, n)) {
+        Tiles::template store<C>(s.Y + size_t(m) * s.ldy + n, size_t(s.ldy) * 4);
+        return;
+    }
+    alignas(64) float c[16][16];
+    Tiles::template store<C>(c, 64);
+    const int nr = imin(kQRows, s.n1 - n);
+    for (int t = 0; t < 16 && m + t < s.M; t++) std::memcpy(s.Y + size_t(m + t) * s.ldy + n, c[t], size_t(nr) * 4);
+}
+
+// Token tile pair p (tokens [32p, 32p + 32)) against NG B tiles of 16 weight rows from row n, over
+// nb blocks of columns from the token tiles' block b0.
 template <class Tiles, int NG>
-static void tile_pass(const uint16_t* xb, size_t Kp, const Operand& weights, int nb, int m, float* Y, int ldy, int M,
-                      int n, int n1, const float* bias) {
-    const Operand tokens{xb + size_t(m) * Kp, size_t(kTileTokens) * Kp, kQBlock, Kp * 2};
-    accumulate<Tiles, 2, NG>(tokens, weights, nb);
-    store_rows<Tiles, 0>(Y, ldy, M, m, n, n1, bias);
-    store_rows<Tiles, 2>(Y, ldy, M, m + kTileTokens, n, n1, bias);
+static void tile_pass(const uint16_t* tiles, int nbk, int b0, int nb, const Operand& weights, int p, int n,
+                      const TileSpot& s) {
+    alignas(64) float pad[4][16][16];
+    const int m = p * 2 * kTileTokens;
+    TileInit init;
+    init_for(s, m, n, 0, pad[0], init);
+    init_for(s, m + kTileTokens, n, 2, pad[2], init);
     if (NG == 2) {
-        store_rows<Tiles, 1>(Y, ldy, M, m, n + kQRows, n1, bias);
-        store_rows<Tiles, 3>(Y, ldy, M, m + kTileTokens, n + kQRows, n1, bias);
+        init_for(s, m, n + kQRows, 1, pad[1], init);
+        init_for(s, m + kTileTokens, n + kQRows, 3, pad[3], init);
+    }
+    accumulate<Tiles, NG>(tiles + (size_t(p) * nbk + b0) * 1024, weights, nb, init);
+    store_tile<Tiles, 0>(s, m, n);
+    store_tile<Tiles, 2>(s, m + kTileTokens, n);
+    if (NG == 2) {
+        store_tile<Tiles, 1>(s, m, n + kQRows);
+        store_tile<Tiles, 3>(s, m + kTileTokens, n + kQRows);
     }
 }
 
@@ -204,32 +291,46 @@ static TileConfig all_16x64() {
     return cfg;
 }
 
-// bf16 W: n0 a multiple of 16 (kernels.h). Two B tiles of 16 rows a pass: the two halves of a
-// group, or (from a half-way start) the second half of one and the first of the next.
-template <class Tiles>
-static void matmul_bf16_tiles(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y,
-                              int ldy, int n0, int n1) {
-    const int nb = q_blocks(K);
-    size_t Kp;  // = nb * 32
-    const int rows = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2 * kTileTokens;  // whole token tile pairs
-    const uint16_t* xb = avx512::rows_to_bf16(X, ldx, M, K, rows, Kp);
+// Y (+)= tokens W^T on the tiles, for the weight rows [n0, n1) in passes of two B tiles of 16 rows
+// (weights(n, b0, nb, ng) gives the B operand of ng tiles from row n over blocks b0 .. b0 + nb), all
+// of the tokens against each pair of B tiles. K goes in ranges whose token tiles (every token's)
+// stay in L2 (kTokenRangeBytes) while the weights' rows pass: each weight is read from memory once,
+// and C adds each range's sums into Y's from the range before.
+template <class Tiles, class Weights>
+static void product_on_tiles(const uint16_t* tiles, int M, int K, Weights&& weights, const float* bias, float* Y,
+                             int ldy, int n0, int n1, bool add) {
+    const int nb = q_blocks(K), pairs = (M + 2 * kTileTokens - 1) / (2 * kTileTokens);
+    const int range = imin(nb, imax(1, int(kTokenRangeBytes / (size_t(pairs) * 2048))));
     Tiles::configure(all_16x64());
-    for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
-        const int m1 = imin(M, m0 + kTokenBlock);
+    for (int b0 = 0; b0 < nb; b0 += range) {
+        const int nr = imin(range, nb - b0);
+        const TileSpot spot{Y, ldy, M, n1, b0 == 0 ? bias : nullptr, add || b0 > 0};
         for (int n = n0; n < n1; n += 2 * kQRows) {
-            const int r0 = n % kBf16Rows;
-            const uint16_t* b = reinterpret_cast<const uint16_t*>(bf16_group(W, K, n)) + 2 * r0;
-            const size_t next = r0 == 0 ? 2 * kQRows : bf16_group_values(K) - 2 * kQRows;
-            const Operand weights{b, next, size_t(kQBlock) * kBf16Rows, kBf16Rows * 4};
-            for (int m = m0; m < m1; m += 2 * kTileTokens) {
-                if (n1 - n > kQRows)
-                    tile_pass<Tiles, 2>(xb, Kp, weights, nb, m, Y, ldy, m1, n, n1, bias);
+            const int ng = n1 - n > kQRows ? 2 : 1;
+            const Operand w = weights(n, b0, nr, ng);
+            for (int p = 0; p < pairs; p++) {
+                if (ng == 2)
+                    tile_pass<Tiles, 2>(tiles, nb, b0, nr, w, p, n, spot);
                 else
-                    tile_pass<Tiles, 1>(xb, Kp, weights, nb, m, Y, ldy, m1, n, n1, bias);
+                    tile_pass<Tiles, 1>(tiles, nb, b0, nr, w, p, n, spot);
             }
         }
     }
     Tiles::release();  // the thread's tile state is dropped: no 8 KiB to save at each context switch
+}
+
+// bf16 W: n0 a multiple of 16 (kernels.h). The two B tiles of a pass are the two halves of a group,
+// or (from a half-way start) the second half of one and the first of the next, read as they lie.
+template <class Tiles>
+static void matmul_bf16_tiles(const uint16_t* tiles, int M, int K, const uint16_t* W, const float* bias, float* Y,
+                              int ldy, int n0, int n1, bool add) {
+    auto weights = [&](int n, int b0, int, int) {
+        const int r0 = n % kBf16Rows;
+        const uint16_t* b = reinterpret_cast<const uint16_t*>(bf16_group(W, K, n)) + 2 * r0 + size_t(b0) * kQBlock * kBf16Rows;
+        const size_t next = r0 == 0 ? 2 * kQRows : bf16_group_values(K) - 2 * kQRows;
+        return Operand{{b, b + next}, size_t(kQBlock) * kBf16Rows, kBf16Rows * 4};
+    };
+    product_on_tiles<Tiles>(tiles, M, K, weights, bias, Y, ldy, n0, n1, add);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,61 +396,126 @@ static void group_to_tiles(const uint8_t* group, int nb, uint16_t* out) {
     }
 }
 
-// n0 starts a row group, as for the VNNI kernels. A pair of row groups is dequantized once per
-// block of tokens and meets all of them.
+// n0 starts a row group, as for the VNNI kernels. A pass's two row groups are dequantized (the blocks
+// of its range of K) once, and meet every token.
 template <class Tiles, bool Q4>
-static void matmul_q_tiles(const float* X, int ldx, int M, int K, const uint8_t* W, const float* bias, float* Y,
-                           int ldy, int n0, int n1) {
+static void matmul_q_tiles(const uint16_t* tiles, int M, int K, const uint8_t* W, const float* bias, float* Y,
+                           int ldy, int n0, int n1, bool add) {
     static thread_local ThreadScratch<uint16_t> wscratch;
     const int nb = q_blocks(K);
-    const size_t wstride = size_t(nb) * 512;
-    const size_t group_bytes = size_t(nb) * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
-    size_t Kp;  // = nb * 32
-    const int rows = (M + 2 * kTileTokens - 1) / (2 * kTileTokens) * 2 * kTileTokens;  // whole token tile pairs
-    const uint16_t* xb = avx512::rows_to_bf16(X, ldx, M, K, rows, Kp);
+    const size_t wstride = size_t(nb) * 512, block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
     uint16_t* wt = wscratch.get(2 * wstride);
+    auto weights = [&](int n, int b0, int nr, int ng) {
+        for (int j = 0; j < ng; j++)
+            group_to_tiles<Q4>(W + (size_t(n / kQRows + j) * nb + b0) * block_bytes, nr, wt + size_t(j) * wstride);
+        return Operand{{wt, wt + wstride}, 512, 64};
+    };
+    product_on_tiles<Tiles>(tiles, M, K, weights, bias, Y, ldy, n0, n1, add);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The MLP's gate and up products and silu(gate) * up in one pass, into the hidden rows' token tiles
+// (down_proj's input): for each 16 rows n of both matrices, B tile 0 is gate's and B tile 1 is up's,
+// so C holds gate and up side by side for 32 tokens; silu_mul (the AVX-512 one, the same function
+// the unfused path runs) makes the hidden values, rounded to bf16 as tile_tokens rounds them. The
+// f32 gate and up rows are never stored: that pass, and silu_mul's own, was an eighth of a bf16
+// prompt's time.
+
+// Columns [n, n + 16) of the hidden rows of token tile pair p from C (gate in tmm 0 / 2, up in 1 / 3).
+template <class Tiles>
+static void store_swiglu(int M, int p, int n, int n1, uint16_t* h_tiles, int nbh) {
+    alignas(64) float g[2][16][16], u[2][16][16];
+    Tiles::template store<0>(g[0], 64);
+    Tiles::template store<1>(u[0], 64);
+    Tiles::template store<2>(g[1], 64);
+    Tiles::template store<3>(u[1], 64);
+    kernels_avx512()->silu_mul(&g[0][0][0], &u[0][0][0], 2 * 16 * 16, &g[0][0][0]);
+    const __mmask16 cols = n + kQRows <= n1 ? __mmask16(0xffff) : __mmask16((1u << (n1 - n)) - 1);  // zeros past n1
+    uint16_t* o = h_tiles + size_t(p) * nbh * 1024 + size_t(n / 32) * 1024 + n % 32;
+    for (int r = 0; r < 2 * kTileTokens && p * 2 * kTileTokens + r < M; r++) {
+        const __m512 h = _mm512_maskz_loadu_ps(cols, g[r / 16][r % 16]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(o + size_t(r) * 32), __m256i(_mm512_cvtneps_pbh(h)));
+    }
+}
+
+// n0 and n1 multiples of 32 (whole blocks of the hidden rows), or n1 = I; for q8 / q4, whole row
+// groups are dequantized, gate's and up's, 16 rows of each. All of K at once (silu needs whole
+// sums): the hidden size, whose token tiles stay in L2.
+template <class Tiles>
+static void swiglu_tiles(const uint16_t* tiles, int M, int K, int dtype, const void* Wgate, const void* Wup, int n0,
+                         int n1, uint16_t* h_tiles, int I) {
+    static thread_local ThreadScratch<uint16_t> wscratch;
+    const int nb = q_blocks(K), nbh = q_blocks(I), pairs = (M + 2 * kTileTokens - 1) / (2 * kTileTokens);
+    const bool bf16 = DType(dtype) == DType::BF16, q4 = DType(dtype) == DType::Q4;
+    const size_t wstride = size_t(nb) * 512;
+    const size_t group_bytes = size_t(nb) * (q4 ? kQ4BlockBytes : kQ8BlockBytes);
+    uint16_t* wt = bf16 ? nullptr : wscratch.get(2 * wstride);
+    const void* const w[2] = {Wgate, Wup};
     Tiles::configure(all_16x64());
-    const Operand weights{wt, wstride, 512, 64};
-    for (int m0 = 0; m0 < M; m0 += kTokenBlock) {
-        const int m1 = imin(M, m0 + kTokenBlock);
-        for (int n = n0; n < n1; n += 2 * kQRows) {
-            const int ng = n1 - n > kQRows ? 2 : 1;
-            for (int j = 0; j < ng; j++)
-                group_to_tiles<Q4>(W + size_t(n / kQRows + j) * group_bytes, nb, wt + size_t(j) * wstride);
-            for (int m = m0; m < m1; m += 2 * kTileTokens) {
-                if (ng == 2)
-                    tile_pass<Tiles, 2>(xb, Kp, weights, nb, m, Y, ldy, m1, n, n1, bias);
-                else
-                    tile_pass<Tiles, 1>(xb, Kp, weights, nb, m, Y, ldy, m1, n, n1, bias);
+    for (int n = n0; n < n1; n += kQRows) {
+        Operand weights{{}, size_t(kQBlock) * kBf16Rows, kBf16Rows * 4};
+        for (int j = 0; j < 2; j++) {
+            if (bf16) {
+                weights.p[j] = reinterpret_cast<const uint16_t*>(bf16_group(static_cast<const uint16_t*>(w[j]), K, n)) +
+                               2 * (n % kBf16Rows);
+                continue;
             }
+            const uint8_t* group = static_cast<const uint8_t*>(w[j]) + size_t(n / kQRows) * group_bytes;
+            if (q4)
+                group_to_tiles<true>(group, nb, wt + size_t(j) * wstride);
+            else
+                group_to_tiles<false>(group, nb, wt + size_t(j) * wstride);
+            weights = {{wt, wt + wstride}, 512, 64};
+        }
+        for (int p = 0; p < pairs; p++) {
+            accumulate<Tiles, 2>(tiles + size_t(p) * nb * 1024, weights, nb, TileInit{});
+            store_swiglu<Tiles>(M, p, n, n1, h_tiles, nbh);
         }
     }
     Tiles::release();
+    if (n1 == I && I % 32)  // the last block's columns past I are zero (down_proj's K ends there)
+        for (int t = 0; t < M; t++)
+            std::memset(h_tiles + size_t(t / 32) * nbh * 1024 + size_t(I / 32) * 1024 + size_t(t % 32) * 32 + I % 32, 0,
+                        size_t(32 - I % 32) * 2);
 }
 
 // ---------------------------------------------------------------------------------------------
 
 // Fewer tokens than a tile: the AVX-512 kernels (decode is memory-bound; a few tokens fill too
 // little of a tile to pay for packing).
-constexpr int kMinTokens = kTileTokens;
+constexpr int kMinTokens = kMinTileTokens;
+static_assert(kMinTileTokens == kTileTokens, "kernels.h promises products from one tile of tokens up");
 
-// A tile backend's table: the AVX-512 one with its three weight matmuls on tiles.
+// A tile backend's table: the AVX-512 one with its three weight matmuls on tiles, and the token
+// tiles' own entries.
 template <class Tiles>
 struct TiledMatmuls {
     static void bf16(const float* X, int ldx, int M, int K, const uint16_t* W, const float* bias, float* Y, int ldy,
                      int n0, int n1) {
         if (M < kMinTokens) return kernels_avx512()->matmul_bf16(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
-        matmul_bf16_tiles<Tiles>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+        matmul_bf16_tiles<Tiles>(tokens_to_tiles(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1, false);
     }
     static void q8(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
                    const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
         if (M < kMinTokens) return kernels_avx512()->matmul_q8(X, ldx, xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-        matmul_q_tiles<Tiles, false>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+        matmul_q_tiles<Tiles, false>(tokens_to_tiles(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1, false);
     }
     static void q4(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
                    const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
         if (M < kMinTokens) return kernels_avx512()->matmul_q4(X, ldx, xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-        matmul_q_tiles<Tiles, true>(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
+        matmul_q_tiles<Tiles, true>(tokens_to_tiles(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1, false);
+    }
+    static void on_tiles(const uint16_t* tiles, int M, int K, int dtype, const void* W, const float* bias, float* Y,
+                         int ldy, int n0, int n1, bool add) {
+        if (n0 >= n1) return;
+        const auto* w8 = static_cast<const uint8_t*>(W);
+        switch (DType(dtype)) {
+            case DType::BF16:
+                return matmul_bf16_tiles<Tiles>(tiles, M, K, static_cast<const uint16_t*>(W), bias, Y, ldy, n0, n1, add);
+            case DType::Q8: return matmul_q_tiles<Tiles, false>(tiles, M, K, w8, bias, Y, ldy, n0, n1, add);
+            case DType::Q4: return matmul_q_tiles<Tiles, true>(tiles, M, K, w8, bias, Y, ldy, n0, n1, add);
+            default: std::abort();  // the caller sends only these (qwen2.cpp: matmul_rows)
+        }
     }
     static Kernels table(const char* isa) {
         Kernels k = *kernels_avx512();
@@ -361,6 +527,9 @@ struct TiledMatmuls {
         k.matmul_bf16_swiglu = nullptr;  // the AVX-512 ones would not run on the tiles
         k.matmul_bf16_panels = nullptr;
         k.matmul_bf16_add = nullptr;
+        k.tile_tokens = tile_tokens_row;
+        k.matmul_tiles = on_tiles;
+        k.swiglu_tiles = swiglu_tiles<Tiles>;
         return k;
     }
 };
@@ -396,14 +565,15 @@ static bool hardware_agrees_with_emulation() {
     };
     std::vector<uint16_t> W(bf16_bytes(N, K) / 2);
     pack_bf16(Wf.data(), N, K, size_t(K), W.data(), 1);
-    matmul_bf16_tiles<AmxTiles>(X.data(), K, M, K, W.data(), bias.data(), y_hw.data(), N, 0, N);
-    matmul_bf16_tiles<EmulatedTiles>(X.data(), K, M, K, W.data(), bias.data(), y_emu.data(), N, 0, N);
+    const uint16_t* tiles = tokens_to_tiles(X.data(), K, M, K);
+    matmul_bf16_tiles<AmxTiles>(tiles, M, K, W.data(), bias.data(), y_hw.data(), N, 0, N, false);
+    matmul_bf16_tiles<EmulatedTiles>(tiles, M, K, W.data(), bias.data(), y_emu.data(), N, 0, N, false);
     if (!agree()) return false;
     // q4 (the q8 kernel differs only in how its levels are unpacked, on the vector unit)
     std::vector<uint8_t> Wq(q4_bytes(N, K));
     quantize_q4(Wf.data(), N, K, size_t(K), Wq.data(), 1);
-    matmul_q_tiles<AmxTiles, true>(X.data(), K, M, K, Wq.data(), bias.data(), y_hw.data(), N, 0, N);
-    matmul_q_tiles<EmulatedTiles, true>(X.data(), K, M, K, Wq.data(), bias.data(), y_emu.data(), N, 0, N);
+    matmul_q_tiles<AmxTiles, true>(tiles, M, K, Wq.data(), bias.data(), y_hw.data(), N, 0, N, false);
+    matmul_q_tiles<EmulatedTiles, true>(tiles, M, K, Wq.data(), bias.data(), y_emu.data(), N, 0, N, false);
     return agree();
 }
 #endif

@@ -90,13 +90,15 @@ struct FlushSubnormals {
 };
 
 // The input rows of one or more matmuls: float32, and their int8 form (quant.h) for q8 / q4
-// matrices, made once per input and shared by every matrix that reads it.
+// matrices or their token tiles for a tile backend's prompt products (kernels.h), made once per
+// input and shared by every matrix that reads it.
 struct MatmulInput {
     const float* x;
     int K;  // row length
     int8_t* q;
     float* d;
     int32_t* s;
+    uint16_t* tiles = nullptr;  // null: the products read x (and q)
 
     int blocks() const { return q_blocks(K); }
     // Quantizes row t (the caller splits rows across threads and syncs before the matmuls).
@@ -108,16 +110,27 @@ struct MatmulInput {
         Kn.quantize_acts(x + size_t(t) * K + c0, K, 1, len, q + (size_t(t) * B + b0) * kQBlock, d + size_t(t) * B + b0,
                          s + size_t(t) * B + b0);
     }
-    MatmulInput from_row(int r) const {
+    // Columns [c0, c0 + len) of row t as token tiles, under the same rule as quantize_cols.
+    void tile_cols(const Kernels& Kn, int t, int c0, int len) const {
+        Kn.tile_tokens(x + size_t(t) * K, K, t, c0, c0 + len, tiles);
+    }
+    MatmulInput from_row(int r) const {  // (no tiles: they are made for a whole chunk)
         const size_t B = size_t(blocks());
         return {x + size_t(r) * K, K, q + size_t(r) * B * kQBlock, d + size_t(r) * B, s + size_t(r) * B};
     }
 };
 
-// Y[:, a:b] = X W[a:b]^T (+ bias) for this thread's rows [a, b) of W.
+// Whether the products of W run on token tiles, where its input has them (kernels.h: matmul_tiles).
+bool on_tiles(const MatmulInput& in, const Matrix& W) {
+    return in.tiles && (W.dtype == DType::BF16 || W.dtype == DType::Q8 || W.dtype == DType::Q4);
+}
+
+// Y[:, a:b] = X W[a:b]^T (+ bias) for this thread's rows [a, b) of W; with add (on token tiles
+// only), Y[:, a:b] += X W[a:b]^T.
 void matmul_rows(const Kernels& K, const MatmulInput& in, int M, const Matrix& W, const float* bias, float* Y,
-                 int ldy, int a, int b) {
+                 int ldy, int a, int b, bool add = false) {
     if (a >= b) return;
+    if (on_tiles(in, W)) return K.matmul_tiles(in.tiles, M, W.cols, int(W.dtype), W.data, bias, Y, ldy, a, b, add);
     const auto* packed = static_cast<const uint8_t*>(W.data);
     switch (W.dtype) {
         case DType::F32:
@@ -201,6 +214,9 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
     s_.gate = AlignedBuffer(C * I * 4);
     s_.up = AlignedBuffer(C * I * 4);
     s_.h_panels = AlignedBuffer(bf16_panels_size(int(C), int(I)) * 4);
+    s_.xn_tiles = AlignedBuffer(tile_tokens_size(int(C), int(H)) * 2);
+    s_.att_tiles = AlignedBuffer(tile_tokens_size(int(C), int(QD)) * 2);
+    s_.h_tiles = AlignedBuffer(tile_tokens_size(int(C), int(I)) * 2);
     s_.rope = AlignedBuffer(C * cfg.head_dim * 4);
     const size_t widest = std::max(QD, I);  // the longer of the rows quantized into act_*
     s_.act_q = AlignedBuffer(C * size_t(q_blocks(int(widest))) * kQBlock);
@@ -747,8 +763,16 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
     int8_t* aq = s_.act_q.as<int8_t>();
     float* ad = s_.act_d.as<float>();
     int32_t* as = s_.act_s.as<int32_t>();
-    const MatmulInput in_att{att, QD, aq, ad, as}, in_h{gate, I, aq, ad, as};
+    // A tile backend (AMX) multiplies a prompt chunk's bf16, q8 and q4 matrices on token tiles of
+    // their inputs, made once by the threads that write the rows (kernels.h: tile_tokens): the
+    // int8 forms are not needed then, and o_proj and down_proj add into x as they store.
+    const bool tiles = K.matmul_tiles && K.tile_tokens && n >= kMinTileTokens;
+    auto tiles_of = [&](const AlignedBuffer& b) { return tiles ? b.as<uint16_t>() : nullptr; };
+    const MatmulInput in_att{att, QD, aq, ad, as, tiles_of(s_.att_tiles)}, in_h{gate, I, aq, ad, as, tiles_of(s_.h_tiles)};
     auto quantized = [](const Matrix& m) { return is_quantized(m.dtype); };
+    auto needs_int8 = [&](const Matrix& m) { return quantized(m) && !tiles; };  // its input's int8 form
+    // The matrices whose rows a prompt's threads claim in units (below): q8 / q4, and any on tiles
+    auto claimable = [&](const Matrix& m) { return quantized(m) || (tiles && m.dtype == DType::BF16); };
     // The thread that computes a head of the attention output quantizes it (for a q8 / q4 o_proj)
     // when a head group is whole blocks of kQBlock; otherwise the team does it as a step of its own.
     const bool att_blocks = (G * D) % kQBlock == 0;
@@ -759,7 +783,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
     // tokens of Qwen2.5-0.5B ran 2-4% (q4) and 4-7% (q8) faster (one process, alternating). Not for
     // the bf16 / f32 panel products, nor where the q8 / q4 kernels repack the tokens per call (AMX):
     // each call would rearrange all of the chunk's tokens again.
-    const bool claiming = n >= kClaimRows && !K.q_prompt_repacks_tokens;
+    const bool claiming = n >= kClaimRows && (!K.q_prompt_repacks_tokens || tiles);
     constexpr int kClaimUnit = 32;
     std::atomic<int>* next_unit = s_.next_unit.get();
     if (claiming)
@@ -781,7 +805,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
         const size_t HB = size_t(q_blocks(H));
         float* xn = f32(s_.xn) + first * H;
         const MatmulInput in_x{xn, H, s_.xn_q.as<int8_t>() + first * HB * kQBlock, s_.xn_d.as<float>() + first * HB,
-                               s_.xn_s.as<int32_t>() + first * HB};
+                               s_.xn_s.as<int32_t>() + first * HB, tiles_of(s_.xn_tiles)};
         // The residual x += proj after o_proj and down_proj: with own_norm, each thread adds the
         // columns it computed as soon as it has them; otherwise the norm step that follows adds each
         // row as it norms it (add_proj), while the row is in L1.
@@ -810,12 +834,13 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             return !own_norm && n > 1 && m.dtype == DType::BF16 && K.matmul_bf16_add;
         };
         bool proj_pending = false;
-        auto norm_input = [&](const float* w, int r0, bool quantize, bool add_proj) {
+        auto norm_input = [&](const float* w, int r0, bool quantize, bool add_proj, bool make_tiles) {
             const int step = own_norm ? 1 : team.nth;
             for (int t = r0 + (own_norm ? 0 : team.tid); t < n; t += step) {
                 if (add_proj && !own_norm) K.add(x + size_t(t) * H, proj + size_t(t) * H, H);
                 K.rmsnorm(x + size_t(t) * H, w, eps, H, xn + size_t(t) * H);
                 if (quantize) in_x.quantize_row(K, t);
+                if (make_tiles && in_x.tiles) in_x.tile_cols(K, t, 0, H);
             }
             if (!own_norm) team.sync();
         };
@@ -838,8 +863,8 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             const LayerWeights& w = layers_[l];
 
             // --- self-attention ---
-            norm_input(w.input_layernorm.data(), 0, quantized(w.q_proj) || quantized(w.k_proj) || quantized(w.v_proj),
-                       proj_pending);
+            norm_input(w.input_layernorm.data(), 0, needs_int8(w.q_proj) || needs_int8(w.k_proj) || needs_int8(w.v_proj),
+                       proj_pending, true);
 
             // q, k, v projections with their biases; a thread owns whole heads, so it applies RoPE
             // to its own heads and writes its k and v heads into the cache without waiting.
@@ -859,7 +884,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
                         store_kv(seq[t], l, h, pos[t], kt, v + size_t(t) * KVD + h * D);
                     }
             };
-            if (claiming && heads_align == D && quantized(w.q_proj) && quantized(w.k_proj) && quantized(w.v_proj)) {
+            if (claiming && heads_align == D && claimable(w.q_proj) && claimable(w.k_proj) && claimable(w.v_proj)) {
                 share_rows(true, l, 0, QD + KVD, D, D, [&](int a, int b) {
                     if (a < QD) q_heads(a, std::min(b, QD));
                     if (b > QD) kv_heads(std::max(a, QD) - QD, b - QD);
@@ -875,7 +900,12 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             // Causal grouped-query attention: row t sees positions 0..pos[t] of its sequence. One
             // work item is a (KV head, row) pair and covers the G query heads that share the KV head;
             // with split-KV, a range of that row's keys.
-            const bool q_att = quantized(w.o_proj);
+            // the attention output's int8 form or tiles, columns [c0, c0 + len) of row t
+            const bool q_att = needs_int8(w.o_proj);
+            auto att_ready = [&](int t, int c0, int len) {
+                if (q_att) in_att.quantize_cols(K, t, c0, len);
+                if (in_att.tiles) in_att.tile_cols(K, t, c0, len);
+            };
             float* scratch = f32(s_.scores) + size_t(team.tid) * attention_scratch_floats(G, max_context_, D);
             auto attend = [&](int h, int t, int k0, int k1, float* out, float* lse) {
                 const float* qt = q + size_t(t) * QD + size_t(h) * G * D;
@@ -895,7 +925,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
                 for (int item = team.tid; item < items; item += team.nth) {
                     const int h = item % c.num_kv_heads, t = item / c.num_kv_heads;
                     attend(h, t, 0, pos[t] + 1, att + size_t(t) * QD + size_t(h) * G * D, nullptr);
-                    if (q_att && att_blocks) in_att.quantize_cols(K, t, h * G * D, G * D);
+                    if (att_blocks) att_ready(t, h * G * D, G * D);
                 }
             } else {
                 // Split-KV (a decode step on more threads than KV heads): item (h, t) becomes `splits`
@@ -925,18 +955,19 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
                             out[g * D + d] = acc / wsum;
                         }
                     }
-                    if (q_att && att_blocks) in_att.quantize_cols(K, t, h * G * D, G * D);
+                    if (att_blocks) att_ready(t, h * G * D, G * D);
                 }
             }
             team.sync();
-            if (q_att && !att_blocks) {
-                for (int t = team.tid; t < n; t += team.nth) in_att.quantize_row(K, t);
+            if ((q_att || in_att.tiles) && !att_blocks) {
+                for (int t = team.tid; t < n; t += team.nth) att_ready(t, 0, QD);
                 team.sync();
             }
 
             // o_proj, and the residual
-            const bool o_adds = adds_into_x(w.o_proj);
-            share_rows(claiming && quantized(w.o_proj), l, 1, H, kClaimUnit, 16, [&](int a, int b) {
+            const bool o_tiles = on_tiles(in_att, w.o_proj), o_adds = o_tiles || adds_into_x(w.o_proj);
+            share_rows(claiming && claimable(w.o_proj), l, 1, H, kClaimUnit, 16, [&](int a, int b) {
+                if (o_tiles) return matmul_rows(K, in_att, n, w.o_proj, nullptr, x, H, a, b, true);
                 if (o_adds) {
                     if (a < b) K.matmul_bf16_add(in_att.x, in_att.K, n, QD, static_cast<const uint16_t*>(w.o_proj.data), x, H, a, b);
                     return;
@@ -948,8 +979,9 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
 
             // --- MLP: down(silu(gate(x)) * up(x)); a thread's gate and up columns are its own, so
             // it applies silu * up to them at once, and quantizes them (whole blocks) for down_proj.
-            norm_input(w.post_attention_layernorm.data(), 0, quantized(w.gate_proj) || quantized(w.up_proj), !o_adds);
-            const bool q_down = quantized(w.down_proj);
+            norm_input(w.post_attention_layernorm.data(), 0, needs_int8(w.gate_proj) || needs_int8(w.up_proj), !o_adds,
+                       true);
+            const bool q_down = needs_int8(w.down_proj);
             const bool bf16_swiglu =  // (kernels.h: a table may have no such kernel)
                 K.matmul_bf16_swiglu && w.gate_proj.dtype == DType::BF16 && w.up_proj.dtype == DType::BF16;
             // A bf16 prompt's hidden rows go from gate/up to down_proj as token panels (kernels.h),
@@ -959,10 +991,16 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
             uint32_t* const hp = bf16_swiglu && K.matmul_bf16_panels && w.down_proj.dtype == DType::BF16 && n > 1
                                      ? s_.h_panels.as<uint32_t>()
                                      : nullptr;
+            // On token tiles, silu(gate) * up goes straight to the hidden rows' tiles (kernels.h).
+            const bool swiglu_tiles = K.swiglu_tiles && on_tiles(in_x, w.gate_proj) &&
+                                      w.up_proj.dtype == w.gate_proj.dtype && on_tiles(in_h, w.down_proj);
             static_assert(kClaimUnit % kQBlock == 0, "a claimed unit of the MLP's hidden rows is whole blocks");
-            share_rows(claiming && quantized(w.gate_proj) && quantized(w.up_proj), l, 2, I, kClaimUnit, kQBlock,
+            share_rows(claiming && claimable(w.gate_proj) && claimable(w.up_proj), l, 2, I, kClaimUnit, kQBlock,
                        [&](int a, int b) {
                            if (a >= b) return;
+                           if (swiglu_tiles)
+                               return K.swiglu_tiles(in_x.tiles, n, H, int(w.gate_proj.dtype), w.gate_proj.data,
+                                                     w.up_proj.data, a, b, in_h.tiles, I);
                            if (bf16_swiglu) {  // silu(gate) * up comes out of the product
                                K.matmul_bf16_swiglu(in_x.x, in_x.K, n, H, static_cast<const uint16_t*>(w.gate_proj.data),
                                                     static_cast<const uint16_t*>(w.up_proj.data), hp ? nullptr : gate, I,
@@ -975,13 +1013,15 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
                                float* h = gate + size_t(t) * I + a;
                                if (!bf16_swiglu) K.silu_mul(h, up + size_t(t) * I + a, b - a, h);
                                if (q_down) in_h.quantize_cols(K, t, a, b - a);
+                               if (in_h.tiles) in_h.tile_cols(K, t, a, b - a);
                            }
                        });
             team.sync();
 
             // down_proj, and the residual (the next norm step adds it where own_norm does not)
-            const bool down_adds = hp && adds_into_x(w.down_proj);
-            share_rows(claiming && q_down, l, 3, H, kClaimUnit, 16, [&](int a, int b) {
+            const bool down_tiles = on_tiles(in_h, w.down_proj), down_adds = down_tiles || (hp && adds_into_x(w.down_proj));
+            share_rows(claiming && claimable(w.down_proj), l, 3, H, kClaimUnit, 16, [&](int a, int b) {
+                if (down_tiles) return matmul_rows(K, in_h, n, w.down_proj, nullptr, x, H, a, b, true);
                 if (hp && a < b)
                     K.matmul_bf16_panels(hp, n, I, static_cast<const uint16_t*>(w.down_proj.data), nullptr,
                                          down_adds ? x : proj, H, a, b, down_adds);
@@ -998,7 +1038,7 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
         // --- final norm and lm_head, only for the rows whose logits were asked for ---
         if (!stop && logits) {
             const int r0 = all_logits ? 0 : n - 1;
-            norm_input(norm_.data(), r0, quantized(lm_head()), proj_pending);
+            norm_input(norm_.data(), r0, quantized(lm_head()), proj_pending, false);
             team.split(c.vocab_size, 16, a, b);
             matmul_rows(K, in_x.from_row(r0), n - r0, lm_head(), nullptr, logits, c.vocab_size, a, b);
         }

@@ -221,6 +221,9 @@ class Qwen2Model {
         AlignedBuffer proj;     // o_proj / down_proj out [chunk, hidden]
         AlignedBuffer gate, up; // MLP                    [chunk, intermediate]
         AlignedBuffer h_panels; // MLP hidden rows as bf16 token panels (kernels.h), for down_proj
+        // xn, att and the MLP's hidden rows as token tiles (kernels.h), for a tile backend's prompt
+        // products; pages never written (no tile backend) cost no memory
+        AlignedBuffer xn_tiles, att_tiles, h_tiles;
         AlignedBuffer rope;     // cos | sin per position [chunk, head_dim]
         AlignedBuffer act_q, act_d, act_s;  // attention or MLP output as int8 blocks [chunk, ...]
         AlignedBuffer scores;   // attention scratch      [threads, attention_scratch_floats]

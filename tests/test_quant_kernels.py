@@ -131,3 +131,65 @@ def test_matmul_q_extreme_activations(isa):
         Y = K_.matmul_q(isa, fmt, X, packed, N)
         Wd = K_.dequantize_weights(fmt, packed, N, K).astype(np.float64)
         np.testing.assert_allclose(Y, X.astype(np.float64) @ Wd.T, rtol=1e-5)
+
+
+# --- token tiles: the AMX prompt path as the model runs it (kernels.h: tile_tokens, matmul_tiles,
+# swiglu_tiles), each input rounded to bf16 once into tiles, rows past M holding NaN ---
+
+TILE_ISAS_HERE = [i for i in TILE_ISAS if i in ALL_ISAS_HERE]
+
+
+def tile_weights(fmt, W):
+    """W as matmul_on_tiles takes it, and the float values the tiles multiply (bf16)."""
+    if fmt == "bf16":
+        bits = (
+            (W.astype(np.float32).view(np.uint32) + 0x7FFF + ((W.astype(np.float32).view(np.uint32) >> 16) & 1)) >> 16
+        ).astype(np.uint16)
+        return bits, bf16_round(W)
+    packed = K_.quantize_weights(fmt, W)
+    return packed, bf16_round(K_.dequantize_weights(fmt, packed, *W.shape))
+
+
+@pytest.mark.parametrize("isa", TILE_ISAS_HERE)
+@pytest.mark.parametrize("fmt", ["bf16", "q8", "q4"])
+@pytest.mark.parametrize("M, K, N, n0, n1", [(16, 32, 16, 0, 16), (45, 200, 48, 16, 40), (70, 96, 64, 32, 64)])
+def test_matmul_on_tiles(isa, fmt, M, K, N, n0, n1):
+    """Bias as the tiles' initial value, a product added into Y (o_proj / down_proj into the
+    residual), edge tiles (tokens past M, rows past n1), rows written in column shares: against numpy
+    on the bf16-rounded operands; the columns outside [n0, n1) untouched."""
+    if fmt != "bf16" and n0 % 16:
+        pytest.skip("q8 / q4 start a share on a 16-row group")
+    X = (2 * rng.standard_normal((M, K))).astype(np.float32)
+    W, Wd = tile_weights(fmt, rng.standard_normal((N, K)).astype(np.float32))
+    bias = rng.standard_normal(N).astype(np.float32)
+    y0 = rng.standard_normal((M, N)).astype(np.float32)
+    prod = bf16_round(X).astype(np.float64) @ Wd.T.astype(np.float64)
+    for b, y in [(None, None), (bias, None), (None, y0), (bias, y0)]:
+        got = K_.matmul_on_tiles(isa, fmt, X, W, N, b, n0, n1, y, shares=3)
+        want = np.zeros((M, N)) if y is None else y.astype(np.float64)
+        want[:, n0:n1] += prod[:, n0:n1] + (0 if b is None else b[n0:n1])
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("isa", TILE_ISAS_HERE)
+@pytest.mark.parametrize("fmt", ["bf16", "q8", "q4"])
+@pytest.mark.parametrize("M, K, I", [(16, 64, 96), (45, 100, 80)])
+def test_mlp_on_tiles(isa, fmt, M, K, I):
+    """silu(gate) * up straight into the hidden rows' tiles (swiglu_tiles, in column shares, one
+    ending at I mid-block), then down_proj added into y0: exactly the unfused tile products with
+    silu_mul between them, and near numpy."""
+    N = 48
+    X = rng.standard_normal((M, K)).astype(np.float32)
+    (G, Gd), (U, Ud) = (tile_weights(fmt, rng.standard_normal((I, K)).astype(np.float32)) for _ in range(2))
+    D, Dd = tile_weights(fmt, rng.standard_normal((N, I)).astype(np.float32))
+    y0 = rng.standard_normal((M, N)).astype(np.float32)
+    got = K_.mlp_on_tiles(isa, fmt, X, G, U, D, I, N, y0, shares=3)
+    g = K_.matmul_on_tiles(isa, fmt, X, G, I)
+    u = K_.matmul_on_tiles(isa, fmt, X, U, I)
+    h = np.stack([K_.silu_mul(isa, g[m], u[m]) for m in range(M)])
+    np.testing.assert_array_equal(got, K_.matmul_on_tiles(isa, fmt, h, D, N, y0=y0))
+    xb = bf16_round(X).astype(np.float64)
+    g64, u64 = xb @ Gd.T.astype(np.float64), xb @ Ud.T.astype(np.float64)
+    h64 = bf16_round((g64 / (1 + np.exp(-g64)) * u64).astype(np.float32)).astype(np.float64)
+    want = y0 + h64 @ Dd.T.astype(np.float64)
+    assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
