@@ -757,6 +757,8 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("isa"), py::arg("fmt"), py::arg("x"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("i"),
         py::arg("n"), py::arg("y0"), py::arg("shares") = 2);
+    k.def("amx_keeps_tile_config", &amx_keeps_tile_config, py::arg("emulated"),
+          "A tile product leaves the thread's own tile configuration in force after it");
     k.def("has_bf16_swiglu", [](const std::string& isa) { return kernels_or_throw(isa).matmul_bf16_swiglu != nullptr; });
     k.def(
         "attention_seconds",

@@ -19,6 +19,8 @@ static uint64_t read_xcr0() {
 static CpuFeatures detect() {
     CpuFeatures f;
     unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return f;
+    f.intel = b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;  // "Genu" "ineI" "ntel"
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     bool osxsave = c & (1u << 27);
     f.fma = c & (1u << 12);
@@ -53,6 +55,11 @@ static CpuFeatures detect() { return CpuFeatures{}; }
 const CpuFeatures& cpu_features() {
     static const CpuFeatures f = detect();
     return f;
+}
+
+int decode_prefetch_bytes() {
+    static const int bytes = cpu_features().intel ? 2048 : 0;
+    return bytes;
 }
 
 std::vector<std::string> available_isas() {

@@ -207,10 +207,11 @@ bool amx_usable();
 // The same kernels over an emulation of the tiles, for tests on AVX-512 CPUs without AMX: never
 // picked by detection, only by name ("amx-emulated").
 const Kernels* kernels_amx_emulated();
-// M rows of X rounded to bf16 (to nearest even) in a per-thread buffer of `rows` >= M rows (zero
-// past M), each zero-padded to whole blocks of 32 (ld values apart): the AVX-512 and AMX prefills.
+// Whether a tile product on this thread leaves the thread's own tile configuration as it found it
+// (a configuration other AMX code set, then a product): true where it does (tests). emulated: on the
+// emulated tiles; else the real ones (false where amx_usable() is not).
+bool amx_keeps_tile_config(bool emulated);
 namespace avx512 {
-const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld);
 // The instruction each prefill multiplies with: F32 `vfmadd231ps` (f32 weights, 16 multiply-adds),
 // Bf16 `vdpbf16ps` (bf16, 32), Int8 `vpdpbusd` (q8 and q4, 64). multiply_add_loop runs iters x 12 of
 // it on registers alone, for timing one core's peak (multiply_add_peak in bindings.cpp, which

@@ -56,6 +56,8 @@ static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 struct AmxTiles {
     static void configure(const TileConfig& c) { __asm__ volatile("ldtilecfg %0" : : "m"(c) : "memory"); }
     static void release() { __asm__ volatile("tilerelease" : : : "memory"); }
+    // the configuration in force (64 zero bytes where the tiles are not configured)
+    static void save(TileConfig& c) { __asm__ volatile("sttilecfg %0" : "=m"(c) : : "memory"); }
     template <int T>
     static void zero() {
         __asm__ volatile("tilezero %%tmm%c0" : : "i"(T));
@@ -84,14 +86,23 @@ struct EmulatedTiles {
         alignas(64) uint8_t t[8][16][64];
     };
     static File& file() {
-        static thread_local File f;
+        static thread_local File f{unconfigured(), {}};
         return f;
+    }
+    static TileConfig unconfigured() {
+        TileConfig c;
+        c.palette = 0;
+        return c;
     }
     static void configure(const TileConfig& c) {
         file().cfg = c;
         std::memset(file().t, 0, sizeof(file().t));
     }
-    static void release() { std::memset(file().t, 0, sizeof(file().t)); }
+    static void release() {
+        file().cfg = unconfigured();
+        std::memset(file().t, 0, sizeof(file().t));
+    }
+    static void save(TileConfig& c) { c = file().cfg; }
     template <int T>
     static void zero() {
         std::memset(file().t[T], 0, sizeof(file().t[T]));
@@ -128,6 +139,29 @@ struct EmulatedTiles {
             std::memcpy(f.t[C][m], c, 64);
         }
     }
+};
+
+// A kernel's tile configuration, in force for the scope's life; then the thread's configuration from
+// before it is put back, or the tiles released (their 8 KiB of state is then not saved at each
+// context switch). Putting it back matters to other AMX code on the same threads: llama.cpp's
+// kernels configure a thread's tiles once and keep them, and faulted (SIGILL) on the next product
+// after a bare release, in a process that ran both (the benchmark's paired runs; OpenMP threads
+// are shared).
+template <class Tiles>
+struct TileScope {
+    TileConfig saved;
+    explicit TileScope(const TileConfig& c) {
+        Tiles::save(saved);
+        Tiles::configure(c);
+    }
+    ~TileScope() {
+        if (saved.palette)
+            Tiles::configure(saved);
+        else
+            Tiles::release();
+    }
+    TileScope(const TileScope&) = delete;
+    TileScope& operator=(const TileScope&) = delete;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -301,7 +335,7 @@ static void product_on_tiles(const uint16_t* tiles, int M, int K, Weights&& weig
                              int ldy, int n0, int n1, bool add) {
     const int nb = q_blocks(K), pairs = (M + 2 * kTileTokens - 1) / (2 * kTileTokens);
     const int range = imin(nb, imax(1, int(kTokenRangeBytes / (size_t(pairs) * 2048))));
-    Tiles::configure(all_16x64());
+    const TileScope<Tiles> scope(all_16x64());
     for (int b0 = 0; b0 < nb; b0 += range) {
         const int nr = imin(range, nb - b0);
         const TileSpot spot{Y, ldy, M, n1, b0 == 0 ? bias : nullptr, add || b0 > 0};
@@ -316,7 +350,6 @@ static void product_on_tiles(const uint16_t* tiles, int M, int K, Weights&& weig
             }
         }
     }
-    Tiles::release();  // the thread's tile state is dropped: no 8 KiB to save at each context switch
 }
 
 // bf16 W: n0 a multiple of 16 (kernels.h). The two B tiles of a pass are the two halves of a group,
@@ -451,7 +484,11 @@ static void swiglu_tiles(const uint16_t* tiles, int M, int K, int dtype, const v
     const size_t group_bytes = size_t(nb) * (q4 ? kQ4BlockBytes : kQ8BlockBytes);
     uint16_t* wt = bf16 ? nullptr : wscratch.get(2 * wstride);
     const void* const w[2] = {Wgate, Wup};
-    Tiles::configure(all_16x64());
+    if (n1 == I && I % 32)  // the last block's columns past I are zero (down_proj's K ends there)
+        for (int t = 0; t < M; t++)
+            std::memset(h_tiles + size_t(t / 32) * nbh * 1024 + size_t(I / 32) * 1024 + size_t(t % 32) * 32 + I % 32, 0,
+                        size_t(32 - I % 32) * 2);
+    const TileScope<Tiles> scope(all_16x64());
     for (int n = n0; n < n1; n += kQRows) {
         Operand weights{{}, size_t(kQBlock) * kBf16Rows, kBf16Rows * 4};
         for (int j = 0; j < 2; j++) {
@@ -472,11 +509,6 @@ static void swiglu_tiles(const uint16_t* tiles, int M, int K, int dtype, const v
             store_swiglu<Tiles>(M, p, n, n1, h_tiles, nbh);
         }
     }
-    Tiles::release();
-    if (n1 == I && I % 32)  // the last block's columns past I are zero (down_proj's K ends there)
-        for (int t = 0; t < M; t++)
-            std::memset(h_tiles + size_t(t / 32) * nbh * 1024 + size_t(I / 32) * 1024 + size_t(t % 32) * 32 + I % 32, 0,
-                        size_t(32 - I % 32) * 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,6 +628,34 @@ bool amx_usable() {
 #else
     return false;
 #endif
+}
+
+namespace amx {
+template <class Tiles>
+static bool keeps_tile_config() {
+    TileConfig other;  // another kernel's shapes: 8 rows of 32 bytes in tile 0, 4 of 16 in tile 5
+    other.colsb[0] = 32;
+    other.rows[0] = 8;
+    other.colsb[5] = 16;
+    other.rows[5] = 4;
+    Tiles::configure(other);
+    std::vector<float> X(size_t(16) * 32, 1.f), Y(size_t(16) * 16);
+    std::vector<uint16_t> W(bf16_bytes(16, 32) / 2, 0x3f80);
+    const uint16_t* tiles = tokens_to_tiles(X.data(), 32, 16, 32);
+    matmul_bf16_tiles<Tiles>(tiles, 16, 32, W.data(), nullptr, Y.data(), 16, 0, 16, false);
+    TileConfig now;
+    Tiles::save(now);
+    Tiles::release();
+    return std::memcmp(&now, &other, sizeof(now)) == 0 && Y[0] == 32.f;
+}
+}  // namespace amx
+
+bool amx_keeps_tile_config(bool emulated) {
+    if (emulated) return amx::keeps_tile_config<amx::EmulatedTiles>();
+#if defined(QWEN2RT_AMX_ASM)
+    if (amx_usable()) return amx::keeps_tile_config<amx::AmxTiles>();
+#endif
+    return false;
 }
 
 const Kernels* kernels_amx_emulated() {

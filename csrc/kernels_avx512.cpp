@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu_features.h"
 #include "kernels.h"
 #include "numeric.h"
 #include "quant.h"
@@ -150,8 +151,9 @@ static inline void keep_in_register(__m512i& v) { asm("" : "+v"(v)); }
 // bf16 weights, decode: the packed groups (quant.h) put 32 rows' column pair in two 64-byte
 // vectors, a row a 32-bit lane. Shifting the lanes left by 16 gives the even column as f32, masking
 // off the low halves the odd one, and each feeds an FMA with that column of x broadcast: 32 sums at
-// once with no horizontal reduction, the group read as one stream with no software prefetch (on 2
-// Zen 4 cores, asking ahead had cost a fifth of the bandwidth to the 8-row groups before). x stays
+// once with no horizontal reduction, the group read as one stream, with software prefetch only where
+// decode_prefetch_bytes() says (on 2 Zen 4 cores, asking ahead had cost a fifth of the bandwidth to
+// the 8-row groups before; on a Xeon it gained a tenth). x stays
 // f32: decode is memory-bound, so the tokens' bf16 rounding of the prefill would save nothing.
 // Rows [r0, r0 + 16V) of group g.
 template <int V>
@@ -161,7 +163,13 @@ static void bf16_decode_group(const float* x, int K, const uint32_t* g, int r0, 
     __m512 even[V], odd[V];
     for (int v = 0; v < V; v++) even[v] = odd[v] = _mm512_setzero_ps();
     const int pairs = K / 2;
+    const int ahead = V == 2 ? decode_prefetch_bytes() : 0;  // whole groups: one stream of 128 bytes a step
     for (int p = 0; p < pairs; p++) {
+        if (ahead) {
+            const char* q = reinterpret_cast<const char*>(g + size_t(p) * kBf16Rows) + ahead;
+            _mm_prefetch(q, _MM_HINT_T1);
+            _mm_prefetch(q + 64, _MM_HINT_T1);
+        }
         const __m512 xe = _mm512_set1_ps(x[2 * p]), xo = _mm512_set1_ps(x[2 * p + 1]);
         for (int v = 0; v < V; v++) {
             __m512i w = _mm512_loadu_si512(g + size_t(p) * kBf16Rows + r0 + 16 * v);
@@ -242,20 +250,6 @@ struct F32Columns {
         return _mm512_fmadd_ps(_mm512_set1_ps(xf), _mm512_castsi512_ps(w), acc);
     }
 };
-
-// X rows as bf16 (kernels.h), each zero-padded to whole blocks of 32 as the packed rows are.
-const uint16_t* rows_to_bf16(const float* X, int ldx, int M, int K, int rows, size_t& ld) {
-    static thread_local ThreadScratch<uint16_t> scratch;
-    ld = size_t(K + 31) / 32 * 32;
-    uint16_t* buf = scratch.get(ld * rows);
-    std::memset(buf + ld * M, 0, ld * size_t(rows - M) * 2);
-    for (int m = 0; m < M; m++) {
-        const float* x = X + size_t(m) * ldx;
-        uint16_t* b = buf + size_t(m) * ld;
-        for (size_t k = 0; k < ld; k += 32) _mm512_storeu_si512(b + k, Bf16Pairs::token16(x, int(k / 2), K));
-    }
-    return buf;
-}
 
 // The first mt rows of X (mt <= kPanelTokens) as a token panel: out[u * mt + t] = token t's unit u,
 // for U::units(K) units (zero past K).
@@ -520,8 +514,11 @@ static inline void q_tile(const int8_t* xq, const float* xd, const int32_t* nzs,
     const int Kp = B * kQBlock;
     const size_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const int ahead = MR == 1 ? decode_prefetch_bytes() : 0;  // a decode streams W from memory
     for (int b = 0; b < B; b++) {
         const uint8_t* blk = group + size_t(b) * block_bytes;
+        if (ahead)  // the block `ahead` bytes on, a group or more further along the thread's rows
+            for (size_t l = 0; l < block_bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(blk) + ahead + l, _MM_HINT_T1);
         const int8_t* x = xq + b * kQBlock;
         __m512i acc[MR * NG];
         for (int t = 0; t < MR; t++) {

@@ -193,3 +193,11 @@ def test_mlp_on_tiles(isa, fmt, M, K, I):
     h64 = bf16_round((g64 / (1 + np.exp(-g64)) * u64).astype(np.float32)).astype(np.float64)
     want = y0 + h64 @ Dd.T.astype(np.float64)
     assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("isa", TILE_ISAS_HERE)
+def test_tile_products_keep_the_threads_tile_config(isa):
+    """A product on the tiles puts back the tile configuration it found on the thread: other AMX code
+    in the process (llama.cpp's kernels configure a thread's tiles once and keep them) must find its
+    own, or its next tile instruction faults."""
+    assert K_.amx_keeps_tile_config(emulated=isa != "amx")
