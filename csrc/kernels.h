@@ -88,10 +88,6 @@ struct Kernels {
                       const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
     void (*matmul_q4)(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
                       const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
-    // true: matmul_q8 / matmul_q4 rearrange all of a prompt's tokens at every call (AMX rounds them
-    // to bf16), so a thread takes its rows of a prompt's q8 / q4 matrix in one call, never in the
-    // many small units claimed as it goes (forward_chunk), which would rearrange them each time.
-    bool q_prompt_repacks_tokens = false;
     // The MLP's two bf16 products and silu_mul in one: Y[m*ldy + n] = silu(x_m . Wgate[n]) * (x_m . Wup[n])
     // for n0 <= n < n1, gate and up packed as matmul_bf16's W, with the same sums. With h_panels, the
     // result also goes to token panels of M rows of ldy columns (bf16_panel_index; n0 a multiple of

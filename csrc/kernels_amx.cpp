@@ -555,7 +555,6 @@ struct TiledMatmuls {
         k.matmul_bf16 = bf16;
         k.matmul_q8 = q8;
         k.matmul_q4 = q4;
-        k.q_prompt_repacks_tokens = true;
         k.matmul_bf16_swiglu = nullptr;  // the AVX-512 ones would not run on the tiles
         k.matmul_bf16_panels = nullptr;
         k.matmul_bf16_add = nullptr;

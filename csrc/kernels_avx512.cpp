@@ -944,7 +944,7 @@ void multiply_add_loop(MultiplyAdd op, long iters) {
 static const Kernels table = {
     "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, attention_f32, attention_f16, attention_bf16,
     add,
-    quantize_acts, matmul_q8,  matmul_q4, false, matmul_bf16_swiglu, matmul_bf16_panels, matmul_bf16_add,
+    quantize_acts, matmul_q8,  matmul_q4, matmul_bf16_swiglu, matmul_bf16_panels, matmul_bf16_add,
 };
 
 }  // namespace avx512

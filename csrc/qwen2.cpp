@@ -781,10 +781,10 @@ void Qwen2Model::forward_chunk(const int32_t* tokens, const int32_t* seq, const 
     // kQBlock columns of the MLP's hidden rows). In fixed shares the barriers after them waited 3-7%
     // of a prompt's time (two Zen 4 cores under a shared host run at unequal speeds); claimed, 512
     // tokens of Qwen2.5-0.5B ran 2-4% (q4) and 4-7% (q8) faster (one process, alternating). Not for
-    // the bf16 / f32 panel products, nor where the q8 / q4 kernels repack the tokens per call (a tile
-    // table called on f32 rows): each call would rearrange all of the chunk's tokens again. On token
-    // tiles, made once per input, the bf16 matrices are claimed too.
-    const bool claiming = n >= kClaimRows && (!K.q_prompt_repacks_tokens || tiles);
+    // the AVX-512 bf16 / f32 panel products; on token tiles (made once per input, so a unit costs no
+    // rearranging of the tokens) the bf16 matrices are claimed too.
+    const bool claiming = n >= kClaimRows;
+    static_assert(kClaimRows >= kMinTileTokens, "a tile table's prompt that claims has its token tiles");
     constexpr int kClaimUnit = 32;
     std::atomic<int>* next_unit = s_.next_unit.get();
     if (claiming)
