@@ -1,7 +1,8 @@
 // AMX kernels: the prefill's weight matmuls on the tile unit (TDPBF16PS), for CPUs with AMX-BF16
 // (Intel Xeon from Sapphire Rapids on). The "amx" table is the AVX-512 one with its bf16, q8 and q4
-// matmuls replaced for prompts of 16 tokens or more; everything else, decode included (memory-bound),
-// stays AVX-512. q8 and q4 weights are dequantized to bf16 for the tiles (why: above matmul_q_tiles).
+// matmuls replaced for prompts of 16 tokens or more, and the token tiles' own entries (kernels.h:
+// tile_tokens, matmul_tiles, swiglu_tiles); everything else, decode included (memory-bound), stays
+// AVX-512. q8 and q4 weights are dequantized to bf16 for the tiles (why: above matmul_q_tiles).
 //
 // The same kernel is compiled twice, over two tile backends with one interface:
 //   AmxTiles      the instructions, as inline assembly;
@@ -170,8 +171,8 @@ struct TileScope {
 // is, for each of 16 weight rows, its columns 2r and 2r + 1. A packed bf16 group (quant.h) is
 // exactly that, 32 rows wide: a B tile is 16 of its column pairs for 16 of its rows, rows of 64
 // bytes 128 apart, read as it lies. q8 / q4 weights are dequantized into the same shape (below).
-// The tokens are rounded to bf16 once per call (tokens_to_tile_pairs): an A tile is 16 tokens x 32
-// columns.
+// The tokens are rounded to bf16 once per input, into token tiles (kernels.h; in the model, by the
+// threads that write the input's rows): an A tile is 16 tokens x 32 columns.
 
 constexpr int kTileTokens = 16;
 // The products' token tiles of a range of K stay in L2 while every weight row of the thread's share
