@@ -189,6 +189,24 @@ void check_row_range(const std::string& what, int N, int n0, int& n1) {
         throw InvalidArgument(what + ": rows [n0, n1) must lie in [0, N) with n0 a multiple of 16");
 }
 
+// Share i of `shares` of n columns, cut at multiples of 32 (whole blocks), as the model's threads
+// split an input's columns: [a, b), empty where there is none.
+void column_share(int n, int shares, int i, int& a, int& b) {
+    const int units = (n + 31) / 32;
+    a = std::min(n, units * i / shares * 32);
+    b = std::min(n, units * (i + 1) / shares * 32);
+}
+
+// The optional bias argument of a product with N rows, checked: empty where it is None.
+std::vector<float> optional_bias(const std::string& what, py::object bias, int N) {
+    std::vector<float> b;
+    if (bias.is_none()) return b;
+    auto ba = bias.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
+    if (ba.ndim() != 1 || ba.shape(0) != N) throw InvalidArgument(what + ": bias [N]");
+    b.assign(ba.data(), ba.data() + N);
+    return b;
+}
+
 // A [N, K] matrix of bf16 bit patterns, row-major, packed as the model packs its bf16 weights.
 std::vector<uint16_t> packed_bf16(py::array W) {
     auto w = W.cast<py::array_t<uint16_t, py::array::c_style | py::array::forcecast>>();
@@ -207,12 +225,7 @@ py::array_t<float> kernel_matmul(const std::string& isa, py::array_t<float, py::
     if (X.ndim() != 2 || W.ndim() != 2 || X.shape(1) != W.shape(1)) throw InvalidArgument("matmul: X [M,K], W [N,K]");
     const int M = int(X.shape(0)), Kd = int(X.shape(1)), N = int(W.shape(0));
     check_row_range("matmul", N, n0, n1);
-    std::vector<float> b;
-    if (!bias.is_none()) {
-        auto ba = bias.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
-        if (ba.ndim() != 1 || ba.shape(0) != N) throw InvalidArgument("matmul: bias [N]");
-        b.assign(ba.data(), ba.data() + N);
-    }
+    const std::vector<float> b = optional_bias("matmul", bias, N);
     py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
     std::fill(Y.mutable_data(), Y.mutable_data() + size_t(M) * size_t(N), 0.f);  // the rows outside [n0, n1)
     if (py::isinstance<py::array_t<float>>(W)) {
@@ -542,12 +555,7 @@ PYBIND11_MODULE(_core, m) {
             const int M = int(X.shape(0)), Kd = int(X.shape(1)), B = q_blocks(Kd);
             if (size_t(packed.size()) != (q4 ? q4_bytes(N, Kd) : q8_bytes(N, Kd)))
                 throw InvalidArgument("matmul_q: shapes do not match");
-            std::vector<float> b;
-            if (!bias.is_none()) {
-                auto ba = bias.cast<F32Array>();
-                if (ba.ndim() != 1 || ba.shape(0) != N) throw InvalidArgument("matmul_q: bias [N]");
-                b.assign(ba.data(), ba.data() + N);
-            }
+            const std::vector<float> b = optional_bias("matmul_q", bias, N);
             std::vector<int8_t> q(size_t(M) * B * kQBlock);
             std::vector<float> d(size_t(M) * B);
             std::vector<int32_t> s(size_t(M) * B);
@@ -618,9 +626,9 @@ PYBIND11_MODULE(_core, m) {
             const int M = int(X.shape(0)), Kd = int(X.shape(1)), I = int(gate.shape(0)), N = int(down.shape(0));
             const std::vector<uint16_t> g = packed_bf16(gate), u = packed_bf16(up), d = packed_bf16(down);
             std::vector<uint32_t> h(bf16_panels_size(M, I), 0xdeadbeef);  // every unit must be written
-            const int units = (I + 31) / 32;
             for (int i = 0; i < shares; i++) {
-                const int a = std::min(I, units * i / shares * 32), b = std::min(I, units * (i + 1) / shares * 32);
+                int a, b;
+                column_share(I, shares, i, a, b);
                 if (a < b) K.matmul_bf16_swiglu(X.data(), Kd, M, Kd, g.data(), u.data(), nullptr, I, a, b, h.data());
             }
             py::array_t<float> Y({py::ssize_t(M), py::ssize_t(N)});
@@ -685,11 +693,12 @@ PYBIND11_MODULE(_core, m) {
     // X's rows as token tiles, each row written in `shares` column ranges (multiples of 32), as the
     // threads that write an input's columns write them; rows past M hold NaN, which must not show.
     auto to_tiles = [=](const Kernels& K, const F32Array& X, int shares) {
-        const int M = int(X.shape(0)), Kd = int(X.shape(1)), units = (Kd + 31) / 32;
+        const int M = int(X.shape(0)), Kd = int(X.shape(1));
         AlignedBuffer tiles = nan_tiles(M, Kd);
         for (int t = 0; t < M; t++)
             for (int i = 0; i < shares; i++) {
-                const int a = std::min(Kd, units * i / shares * 32), b = std::min(Kd, units * (i + 1) / shares * 32);
+                int a, b;
+                column_share(Kd, shares, i, a, b);
                 if (a < b) K.tile_tokens(X.data() + size_t(t) * Kd, Kd, t, a, b, tiles.as<uint16_t>());
             }
         return tiles;
@@ -710,12 +719,7 @@ PYBIND11_MODULE(_core, m) {
             const int M = int(X.shape(0)), Kd = int(X.shape(1));
             check_row_range("matmul_on_tiles", N, n0, n1);
             const TileWeights w = tile_weights(fmt, W, N, Kd);
-            std::vector<float> b;
-            if (!bias.is_none()) {
-                auto ba = bias.cast<F32Array>();
-                if (ba.ndim() != 1 || ba.shape(0) != N) throw InvalidArgument("matmul_on_tiles: bias [N]");
-                b.assign(ba.data(), ba.data() + N);
-            }
+            const std::vector<float> b = optional_bias("matmul_on_tiles", bias, N);
             py::array_t<float> Y({M, N});
             std::fill(Y.mutable_data(), Y.mutable_data() + size_t(M) * N, 0.f);
             const bool add = !y0.is_none();
@@ -744,9 +748,9 @@ PYBIND11_MODULE(_core, m) {
             const int M = int(X.shape(0)), Kd = int(X.shape(1));
             const TileWeights g = tile_weights(fmt, gate, I, Kd), u = tile_weights(fmt, up, I, Kd), d = tile_weights(fmt, down, N, I);
             const AlignedBuffer tiles = to_tiles(K, X, 1), h = nan_tiles(M, I);
-            const int units = (I + 31) / 32;
             for (int i = 0; i < shares; i++) {
-                const int a = std::min(I, units * i / shares * 32), b = std::min(I, units * (i + 1) / shares * 32);
+                int a, b;
+                column_share(I, shares, i, a, b);
                 if (a < b)
                     K.swiglu_tiles(tiles.as<uint16_t>(), M, Kd, int(g.dtype), g.data(), u.data(), a, b, h.as<uint16_t>(), I);
             }
