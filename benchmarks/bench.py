@@ -173,9 +173,27 @@ def _converted(gguf_path: str, dtype: str) -> str:
 
     folder = os.path.join(os.path.expanduser("~/.cache/qwen2rt-bench"),
                           os.path.basename(gguf_path).replace(".gguf", f".qwen2rt-{dtype}"))
-    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+    st = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(st) or _made_by_another_policy(st, dtype):
         convert(gguf_path, folder, dtype=dtype, progress=False)
     return folder
+
+
+def _made_by_another_policy(st: str, dtype: str) -> bool:
+    """Whether a cached conversion holds a matrix in another dtype than converting now would (an older
+    qwen2rt's mixed formats: q4's lm_head was q8 before it was q6)."""
+    from qwen2rt.model import matrix_dtype_policy
+    from qwen2rt.safetensors_io import SafetensorsFile
+
+    stored = json.loads(SafetensorsFile(st).metadata["qwen2rt_tensor_dtypes"])
+    with open(os.path.join(os.path.dirname(st), "config.json")) as f:
+        policy = matrix_dtype_policy(dtype, None, json.load(f).get("tie_word_embeddings", False))
+    for name, kind in stored.items():
+        if name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight"):
+            want = "bf16p32" if policy(name) == "bf16" else policy(name)  # bf16 is stored packed
+            if kind != want and not kind.startswith("gguf:"):  # an untied GGUF embedding stays as it is
+                return True
+    return False
 
 
 def _hf_folder(gguf_path: str) -> str:
@@ -523,7 +541,8 @@ def multiply_add_peaks(threads: int) -> dict[str, float]:
 
 
 # the peak a prefill of weights of each dtype is held against: the instruction it multiplies with
-PEAK_OP = {"f32": "f32", "bf16": "bf16", "BF16": "bf16", "q8": "int8", "q4": "int8", "q8c": "int8", "q4c": "int8",
+PEAK_OP = {"f32": "f32", "bf16": "bf16", "BF16": "bf16", "q8": "int8", "q6": "int8", "q4": "int8", "q8c": "int8",
+           "q6c": "int8", "q4c": "int8",
            "Q8_0": "int8", "Q4_0": "int8"}
 
 
@@ -535,7 +554,7 @@ def weights_read_per_token(cfg) -> int:
     return L * (h * qd + 2 * h * kvd + qd * h + 3 * h * i) + cfg.vocab_size * h
 
 
-BITS = {"f32": 32, "bf16": 16, "q8": 8.5, "q4": 4.5, "q8c": 8.5, "q4c": 4.5,
+BITS = {"f32": 32, "bf16": 16, "q8": 8.5, "q6": 6.5, "q4": 4.5, "q8c": 8.5, "q6c": 6.5, "q4c": 4.5,
         "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "source": None}
 
 

@@ -38,8 +38,17 @@ DType parse_dtype(const std::string& s) {
     if (s == "f16" || s == "float16") return DType::F16;
     if (s == "q8") return DType::Q8;
     if (s == "q4") return DType::Q4;
+    if (s == "q6") return DType::Q6;
     if (s == "bf16p") return DType::BF16P;
-    throw InvalidArgument("unknown dtype '" + s + "' (expected f32, bf16, f16, q8, q4 or bf16p)");
+    throw InvalidArgument("unknown dtype '" + s + "' (expected f32, bf16, f16, q8, q6, q4 or bf16p)");
+}
+
+// A packed weight format's name (q8, q6, q4), for the kernel test bindings.
+DType quantized_format(const std::string& fmt) {
+    if (fmt == "q8") return DType::Q8;
+    if (fmt == "q6") return DType::Q6;
+    if (fmt == "q4") return DType::Q4;
+    throw InvalidArgument("format must be q8, q6 or q4");
 }
 
 unsigned long g_main_thread = 0;
@@ -512,24 +521,21 @@ PYBIND11_MODULE(_core, m) {
         [](const std::string& fmt, F32Array W, int threads) {
             if (W.ndim() != 2) throw InvalidArgument("quantize_weights: W [N, K]");
             const int N = int(W.shape(0)), K = int(W.shape(1));
-            const bool q4 = fmt == "q4";
-            if (!q4 && fmt != "q8") throw InvalidArgument("format must be q8 or q4");
-            py::array_t<uint8_t> out(py::ssize_t(q4 ? q4_bytes(N, K) : q8_bytes(N, K)));
+            const DType t = quantized_format(fmt);
+            py::array_t<uint8_t> out(py::ssize_t(q_bytes(t, N, K)));
             py::gil_scoped_release nogil;
-            (q4 ? quantize_q4 : quantize_q8)(W.data(), N, K, size_t(K), out.mutable_data(), threads);
+            quantize_q(t, W.data(), N, K, size_t(K), out.mutable_data(), threads);
             return out;
         },
-        py::arg("fmt"), py::arg("w"), py::arg("threads") = 1, "Pack a float32 [N, K] matrix as q8 or q4 (quant.h)");
+        py::arg("fmt"), py::arg("w"), py::arg("threads") = 1, "Pack a float32 [N, K] matrix as q8, q6 or q4 (quant.h)");
     k.def(
         "dequantize_weights",
         [](const std::string& fmt, py::array_t<uint8_t, py::array::c_style> packed, int N, int K) {
-            const bool q4 = fmt == "q4";
-            if (!q4 && fmt != "q8") throw InvalidArgument("format must be q8 or q4");
-            if (N < 1 || K < 1 || size_t(packed.size()) != (q4 ? q4_bytes(N, K) : q8_bytes(N, K)))
+            const DType t = quantized_format(fmt);
+            if (N < 1 || K < 1 || size_t(packed.size()) != q_bytes(t, N, K))
                 throw InvalidArgument("dequantize_weights: packed size does not match N, K");
             py::array_t<float> out({N, K});
-            for (int r = 0; r < N; r++)
-                (q4 ? dequantize_row_q4 : dequantize_row_q8)(packed.data(), K, r, out.mutable_data() + size_t(r) * K);
+            for (int r = 0; r < N; r++) dequantize_row_q(t, packed.data(), K, r, out.mutable_data() + size_t(r) * K);
             return out;
         },
         py::arg("fmt"), py::arg("packed"), py::arg("n"), py::arg("k"));
@@ -549,11 +555,10 @@ PYBIND11_MODULE(_core, m) {
            int N, py::object bias) {
             // X is quantized by the same path's quantize_acts, as the model does
             const Kernels& K = kernels_or_throw(isa);
-            const bool q4 = fmt == "q4";
-            if (!q4 && fmt != "q8") throw InvalidArgument("format must be q8 or q4");
+            const DType t = quantized_format(fmt);
             if (X.ndim() != 2) throw InvalidArgument("matmul_q: X [M, K]");
             const int M = int(X.shape(0)), Kd = int(X.shape(1)), B = q_blocks(Kd);
-            if (size_t(packed.size()) != (q4 ? q4_bytes(N, Kd) : q8_bytes(N, Kd)))
+            if (size_t(packed.size()) != q_bytes(t, N, Kd))
                 throw InvalidArgument("matmul_q: shapes do not match");
             const std::vector<float> b = optional_bias("matmul_q", bias, N);
             std::vector<int8_t> q(size_t(M) * B * kQBlock);
@@ -561,8 +566,9 @@ PYBIND11_MODULE(_core, m) {
             std::vector<int32_t> s(size_t(M) * B);
             K.quantize_acts(X.data(), Kd, M, Kd, q.data(), d.data(), s.data());
             py::array_t<float> Y({M, N});
-            (q4 ? K.matmul_q4 : K.matmul_q8)(X.data(), Kd, q.data(), d.data(), s.data(), M, Kd, packed.data(),
-                                             b.empty() ? nullptr : b.data(), Y.mutable_data(), N, 0, N);
+            const auto matmul = t == DType::Q8 ? K.matmul_q8 : t == DType::Q6 ? K.matmul_q6 : K.matmul_q4;
+            matmul(X.data(), Kd, q.data(), d.data(), s.data(), M, Kd, packed.data(), b.empty() ? nullptr : b.data(),
+                   Y.mutable_data(), N, 0, N);
             return Y;
         },
         py::arg("isa"), py::arg("fmt"), py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none());
@@ -669,19 +675,19 @@ PYBIND11_MODULE(_core, m) {
         const void* data() const { return dtype == DType::BF16 ? static_cast<const void*>(bf16.data()) : q.data(); }
     };
     auto tile_weights = [](const std::string& fmt, py::array W, int N, int Kd) {
-        // fmt bf16: W uint16 [N, K] of bf16 bits; q8 / q4: W the bytes of quantize_weights
+        // fmt bf16: W uint16 [N, K] of bf16 bits; q8 / q6 / q4: W the bytes of quantize_weights
         TileWeights t{parse_dtype(fmt), {}, {}};
         if (t.dtype == DType::BF16) {
             if (!py::isinstance<py::array_t<uint16_t>>(W) || W.ndim() != 2 || W.shape(0) != N || W.shape(1) != Kd)
                 throw InvalidArgument("tiles: bf16 W is uint16 [N, K]");
             t.bf16 = packed_bf16(W);
-        } else if (t.dtype == DType::Q8 || t.dtype == DType::Q4) {
+        } else if (is_quantized(t.dtype)) {
             auto b = W.cast<py::array_t<uint8_t, py::array::c_style>>();
-            if (size_t(b.size()) != (t.dtype == DType::Q4 ? q4_bytes(N, Kd) : q8_bytes(N, Kd)))
+            if (size_t(b.size()) != q_bytes(t.dtype, N, Kd))
                 throw InvalidArgument("tiles: packed size does not match N, K");
             t.q.assign(b.data(), b.data() + b.size());
         } else {
-            throw InvalidArgument("tiles: fmt is bf16, q8 or q4");
+            throw InvalidArgument("tiles: fmt is bf16, q8, q6 or q4");
         }
         return t;
     };

@@ -13,10 +13,10 @@
 
 namespace qwen2rt {
 
-// Element type of a weight matrix (or of a source tensor handed over by the loader). Q8 and Q4 are
-// the packed block formats of quant.h, and a bf16 matrix is held packed too (quant.h). A source
+// Element type of a weight matrix (or of a source tensor handed over by the loader). Q8, Q6 and Q4
+// are the packed block formats of quant.h, and a bf16 matrix is held packed too (quant.h). A source
 // tensor of BF16 is row-major (a checkpoint's); BF16P is one already packed (a converted model's).
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4, BF16P = 5 };
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4, BF16P = 5, Q6 = 6 };
 
 inline const char* dtype_name(DType t) {
     switch (t) {
@@ -25,6 +25,7 @@ inline const char* dtype_name(DType t) {
         case DType::F16: return "f16";
         case DType::Q8: return "q8";
         case DType::Q4: return "q4";
+        case DType::Q6: return "q6";
         case DType::BF16P: return "bf16p";
     }
     return "?";
@@ -32,7 +33,7 @@ inline const char* dtype_name(DType t) {
 
 // Bytes per element of the plain types (f32, bf16, f16).
 inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
-inline bool is_quantized(DType t) { return t == DType::Q8 || t == DType::Q4; }
+inline bool is_quantized(DType t) { return t == DType::Q8 || t == DType::Q6 || t == DType::Q4; }
 
 // Raised for bad input the caller can fix (mapped to ValueError-like Python exceptions).
 struct InvalidArgument : std::invalid_argument {

@@ -81,12 +81,14 @@ struct Kernels {
     // zero-padded), per block the scale d = max|x| / 127 and the sum s of its q.
     void (*quantize_acts)(const float* X, int ldx, int M, int K, int8_t* q, float* d, int32_t* s);
     // Y[m*ldy + n] = sum_k x[m,k] w[n,k] (+ bias[n]) for n0 <= n < n1 (n0 a multiple of 16), with x
-    // the quantized activations above and W a packed q8 / q4 matrix of K columns. n0 must start a
+    // the quantized activations above and W a packed q8 / q4 / q6 matrix of K columns. n0 must start a
     // 16-row group. X holds the same M rows in f32 (ldx apart): a kernel that multiplies another
     // form of them reads X (the AMX tiles round it to bf16); the integer kernels read xq.
     void (*matmul_q8)(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
                       const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
     void (*matmul_q4)(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
+    void (*matmul_q6)(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
                       const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1);
     // The MLP's two bf16 products and silu_mul in one: Y[m*ldy + n] = silu(x_m . Wgate[n]) * (x_m . Wup[n])
     // for n0 <= n < n1, gate and up packed as matmul_bf16's W, with the same sums. With h_panels, the
@@ -113,7 +115,7 @@ struct Kernels {
     // tokens at every product. nullptr where a table has none.
     void (*tile_tokens)(const float* x, int K, int t, int c0, int c1, uint16_t* tiles) = nullptr;
     // Y[m*ldy + n] (+)= tokens_m . W[n] (+ bias[n]) for m < M (M >= kMinTileTokens), n0 <= n < n1, on
-    // token tiles of M rows of K columns and a bf16, q8 or q4 W (matmul_bf16's and matmul_q8's
+    // token tiles of M rows of K columns and a bf16, q8, q6 or q4 W (matmul_bf16's and matmul_q8's
     // layouts and n0 rules). add: the products are added into Y as they are stored (a residual).
     void (*matmul_tiles)(const uint16_t* tiles, int M, int K, int dtype, const void* W, const float* bias, float* Y,
                          int ldy, int n0, int n1, bool add) = nullptr;

@@ -1,8 +1,8 @@
 // AMX kernels: the prefill's weight matmuls on the tile unit (TDPBF16PS), for CPUs with AMX-BF16
-// (Intel Xeon from Sapphire Rapids on). The "amx" table is the AVX-512 one with its bf16, q8 and q4
+// (Intel Xeon from Sapphire Rapids on). The "amx" table is the AVX-512 one with its bf16, q8, q6 and q4
 // matmuls replaced for prompts of 16 tokens or more, and the token tiles' own entries (kernels.h:
 // tile_tokens, matmul_tiles, swiglu_tiles); everything else, decode included (memory-bound), stays
-// AVX-512. q8 and q4 weights are dequantized to bf16 for the tiles (why: above matmul_q_tiles).
+// AVX-512. q8, q6 and q4 weights are dequantized to bf16 for the tiles (why: above matmul_q_tiles).
 //
 // The same kernel is compiled twice, over two tile backends with one interface:
 //   AmxTiles      the instructions, as inline assembly;
@@ -170,7 +170,7 @@ struct TileScope {
 // [16 tokens][16 weight rows], Y's own orientation. TDPBF16PS wants B in pairs: row r of a B tile
 // is, for each of 16 weight rows, its columns 2r and 2r + 1. A packed bf16 group (quant.h) is
 // exactly that, 32 rows wide: a B tile is 16 of its column pairs for 16 of its rows, rows of 64
-// bytes 128 apart, read as it lies. q8 / q4 weights are dequantized into the same shape (below).
+// bytes 128 apart, read as it lies. q8 / q6 / q4 weights are dequantized into the same shape (below).
 // The tokens are rounded to bf16 once per input, into token tiles (kernels.h; in the model, by the
 // threads that write the input's rows): an A tile is 16 tokens x 32 columns.
 
@@ -193,7 +193,7 @@ static void tile_tokens_row(const float* x, int K, int t, int c0, int c1, uint16
     }
 }
 
-// For the products called on f32 rows (matmul_bf16 / matmul_q8 / matmul_q4 of the table): the
+// For the products called on f32 rows (matmul_bf16 / matmul_q8 / q6 / q4 of the table): the
 // thread's own token tiles of them, rows past M zero.
 static const uint16_t* tokens_to_tiles(const float* X, int ldx, int M, int K) {
     static thread_local ThreadScratch<uint16_t> scratch;
@@ -368,7 +368,7 @@ static void matmul_bf16_tiles(const uint16_t* tiles, int M, int K, const uint16_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Y = X W^T for q8 / q4 W, on the same bf16 tiles.
+// Y = X W^T for q8 / q6 / q4 W, on the same bf16 tiles.
 //
 // An int8 tile product (TDPBSUD) would need its int32 sums scaled per block of 32 columns (each
 // row and block has its own scale): a 16 x 16 tile taken out and scaled every block, 16 vector
@@ -403,12 +403,12 @@ static inline void quad_to_pairs(__m512i levels, const __m512* sc, const __m512*
     _mm512_store_si512(out + 32, _mm512_permutex2var_epi32(lo, odd, hi));
 }
 
-// One row group of a packed q8 / q4 matrix (nb blocks) to B tiles: 512 uint16 a block.
-template <bool Q4>
+// One row group of a packed q8 / q6 / q4 matrix (nb blocks) to B tiles: 512 uint16 a block.
+template <DType T>
 static void group_to_tiles(const uint8_t* group, int nb, uint16_t* out) {
-    const size_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
-    const __m512 zero = _mm512_set1_ps(Q4 ? 8.f : 128.f);
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    constexpr size_t block_bytes = q_block_bytes(T);
+    const __m512 zero = _mm512_set1_ps(float(q_zero_point(T)));
+    const __m512i low4 = _mm512_set1_epi8(0x0f), high2 = _mm512_set1_epi8(0x30);
     const __m512i quarter = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);
     for (int b = 0; b < nb; b++, out += 512) {
         const uint8_t* blk = group + size_t(b) * block_bytes;
@@ -418,11 +418,19 @@ static void group_to_tiles(const uint8_t* group, int nb, uint16_t* out) {
             sc[q] = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * q)), s);
             zsc[q] = _mm512_mul_ps(sc[q], zero);
         }
-        if (Q4) {
+        if (T != DType::Q8) {
             for (int g = 0; g < 4; g++) {  // columns 8g .. 8g + 3 in the low nibbles, 8g + 4 .. 8g + 7 in the high
                 const __m512i v = _mm512_loadu_si512(blk + 32 + 64 * g);
-                quad_to_pairs(_mm512_and_si512(v, low4), sc, zsc, out + 128 * g);
-                quad_to_pairs(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), sc, zsc, out + 128 * g + 64);
+                __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                if (T == DType::Q6) {  // their high 2 bits, at bits 2m and 2m + 2 (m = 2 (g % 2)), moved to bits 4-5
+                    const __m512i h = _mm512_loadu_si512(blk + 288 + 64 * (g / 2));
+                    const __m512i hl = g % 2 ? h : _mm512_slli_epi16(h, 4);
+                    const __m512i hh = g % 2 ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2);
+                    lo = _mm512_ternarylogic_epi32(lo, hl, high2, 0xf8);  // lo | (hl & 0x30)
+                    hi = _mm512_ternarylogic_epi32(hi, hh, high2, 0xf8);
+                }
+                quad_to_pairs(lo, sc, zsc, out + 128 * g);
+                quad_to_pairs(hi, sc, zsc, out + 128 * g + 64);
             }
         } else {
             for (int g = 0; g < 8; g++) quad_to_pairs(_mm512_loadu_si512(blk + 32 + 64 * g), sc, zsc, out + 64 * g);
@@ -432,16 +440,24 @@ static void group_to_tiles(const uint8_t* group, int nb, uint16_t* out) {
 
 // n0 starts a row group, as for the VNNI kernels. A pass's two row groups are dequantized (the blocks
 // of its range of K) once, and meet every token.
-template <class Tiles, bool Q4>
+static void group_to_tiles(DType t, const uint8_t* group, int nb, uint16_t* out) {
+    switch (t) {
+        case DType::Q8: return group_to_tiles<DType::Q8>(group, nb, out);
+        case DType::Q6: return group_to_tiles<DType::Q6>(group, nb, out);
+        default: return group_to_tiles<DType::Q4>(group, nb, out);
+    }
+}
+
+template <class Tiles, DType T>
 static void matmul_q_tiles(const uint16_t* tiles, int M, int K, const uint8_t* W, const float* bias, float* Y,
                            int ldy, int n0, int n1, bool add) {
     static thread_local ThreadScratch<uint16_t> wscratch;
     const int nb = q_blocks(K);
-    const size_t wstride = size_t(nb) * 512, block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
+    const size_t wstride = size_t(nb) * 512, block_bytes = q_block_bytes(T);
     uint16_t* wt = wscratch.get(2 * wstride);
     auto weights = [&](int n, int b0, int nr, int ng) {
         for (int j = 0; j < ng; j++)
-            group_to_tiles<Q4>(W + (size_t(n / kQRows + j) * nb + b0) * block_bytes, nr, wt + size_t(j) * wstride);
+            group_to_tiles<T>(W + (size_t(n / kQRows + j) * nb + b0) * block_bytes, nr, wt + size_t(j) * wstride);
         return Operand{{wt, wt + wstride}, 512, 64};
     };
     product_on_tiles<Tiles>(tiles, M, K, weights, bias, Y, ldy, n0, n1, add);
@@ -472,7 +488,7 @@ static void store_swiglu(int M, int p, int n, int n1, uint16_t* h_tiles, int nbh
     }
 }
 
-// n0 and n1 multiples of 32 (whole blocks of the hidden rows), or n1 = I; for q8 / q4, whole row
+// n0 and n1 multiples of 32 (whole blocks of the hidden rows), or n1 = I; for q8 / q6 / q4, whole row
 // groups are dequantized, gate's and up's, 16 rows of each. All of K at once (silu needs whole
 // sums): the hidden size, whose token tiles stay in L2.
 template <class Tiles>
@@ -480,9 +496,9 @@ static void swiglu_tiles(const uint16_t* tiles, int M, int K, int dtype, const v
                          int n1, uint16_t* h_tiles, int I) {
     static thread_local ThreadScratch<uint16_t> wscratch;
     const int nb = q_blocks(K), nbh = q_blocks(I), pairs = (M + 2 * kTileTokens - 1) / (2 * kTileTokens);
-    const bool bf16 = DType(dtype) == DType::BF16, q4 = DType(dtype) == DType::Q4;
+    const bool bf16 = DType(dtype) == DType::BF16;
     const size_t wstride = size_t(nb) * 512;
-    const size_t group_bytes = size_t(nb) * (q4 ? kQ4BlockBytes : kQ8BlockBytes);
+    const size_t group_bytes = bf16 ? 0 : size_t(nb) * q_block_bytes(DType(dtype));
     uint16_t* wt = bf16 ? nullptr : wscratch.get(2 * wstride);
     const void* const w[2] = {Wgate, Wup};
     if (n1 == I && I % 32)  // the last block's columns past I are zero (down_proj's K ends there)
@@ -499,10 +515,7 @@ static void swiglu_tiles(const uint16_t* tiles, int M, int K, int dtype, const v
                 continue;
             }
             const uint8_t* group = static_cast<const uint8_t*>(w[j]) + size_t(n / kQRows) * group_bytes;
-            if (q4)
-                group_to_tiles<true>(group, nb, wt + size_t(j) * wstride);
-            else
-                group_to_tiles<false>(group, nb, wt + size_t(j) * wstride);
+            group_to_tiles(DType(dtype), group, nb, wt + size_t(j) * wstride);
             weights = {{wt, wt + wstride}, 512, 64};
         }
         for (int p = 0; p < pairs; p++) {
@@ -528,15 +541,15 @@ struct TiledMatmuls {
         if (M < kMinTokens) return kernels_avx512()->matmul_bf16(X, ldx, M, K, W, bias, Y, ldy, n0, n1);
         matmul_bf16_tiles<Tiles>(tokens_to_tiles(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1, false);
     }
-    static void q8(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
-                   const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
-        if (M < kMinTokens) return kernels_avx512()->matmul_q8(X, ldx, xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-        matmul_q_tiles<Tiles, false>(tokens_to_tiles(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1, false);
-    }
-    static void q4(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
-                   const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
-        if (M < kMinTokens) return kernels_avx512()->matmul_q4(X, ldx, xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-        matmul_q_tiles<Tiles, true>(tokens_to_tiles(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1, false);
+    template <DType T>
+    static void q(const float* X, int ldx, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
+                  const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
+        if (M < kMinTokens) {
+            const Kernels* v = kernels_avx512();
+            const auto vnni = T == DType::Q8 ? v->matmul_q8 : T == DType::Q6 ? v->matmul_q6 : v->matmul_q4;
+            return vnni(X, ldx, xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
+        }
+        matmul_q_tiles<Tiles, T>(tokens_to_tiles(X, ldx, M, K), M, K, W, bias, Y, ldy, n0, n1, false);
     }
     static void on_tiles(const uint16_t* tiles, int M, int K, int dtype, const void* W, const float* bias, float* Y,
                          int ldy, int n0, int n1, bool add) {
@@ -545,8 +558,9 @@ struct TiledMatmuls {
         switch (DType(dtype)) {
             case DType::BF16:
                 return matmul_bf16_tiles<Tiles>(tiles, M, K, static_cast<const uint16_t*>(W), bias, Y, ldy, n0, n1, add);
-            case DType::Q8: return matmul_q_tiles<Tiles, false>(tiles, M, K, w8, bias, Y, ldy, n0, n1, add);
-            case DType::Q4: return matmul_q_tiles<Tiles, true>(tiles, M, K, w8, bias, Y, ldy, n0, n1, add);
+            case DType::Q8: return matmul_q_tiles<Tiles, DType::Q8>(tiles, M, K, w8, bias, Y, ldy, n0, n1, add);
+            case DType::Q6: return matmul_q_tiles<Tiles, DType::Q6>(tiles, M, K, w8, bias, Y, ldy, n0, n1, add);
+            case DType::Q4: return matmul_q_tiles<Tiles, DType::Q4>(tiles, M, K, w8, bias, Y, ldy, n0, n1, add);
             default: std::abort();  // the caller sends only these (qwen2.cpp: matmul_rows)
         }
     }
@@ -554,8 +568,9 @@ struct TiledMatmuls {
         Kernels k = *kernels_avx512();
         k.isa = isa;
         k.matmul_bf16 = bf16;
-        k.matmul_q8 = q8;
-        k.matmul_q4 = q4;
+        k.matmul_q8 = q<DType::Q8>;
+        k.matmul_q4 = q<DType::Q4>;
+        k.matmul_q6 = q<DType::Q6>;
         k.matmul_bf16_swiglu = nullptr;  // the AVX-512 ones would not run on the tiles
         k.matmul_bf16_panels = nullptr;
         k.matmul_bf16_add = nullptr;
@@ -601,11 +616,11 @@ static bool hardware_agrees_with_emulation() {
     matmul_bf16_tiles<AmxTiles>(tiles, M, K, W.data(), bias.data(), y_hw.data(), N, 0, N, false);
     matmul_bf16_tiles<EmulatedTiles>(tiles, M, K, W.data(), bias.data(), y_emu.data(), N, 0, N, false);
     if (!agree()) return false;
-    // q4 (the q8 kernel differs only in how its levels are unpacked, on the vector unit)
-    std::vector<uint8_t> Wq(q4_bytes(N, K));
-    quantize_q4(Wf.data(), N, K, size_t(K), Wq.data(), 1);
-    matmul_q_tiles<AmxTiles, true>(tiles, M, K, Wq.data(), bias.data(), y_hw.data(), N, 0, N, false);
-    matmul_q_tiles<EmulatedTiles, true>(tiles, M, K, Wq.data(), bias.data(), y_emu.data(), N, 0, N, false);
+    // q4 (the q8 / q6 kernels differ only in how their levels are unpacked, on the vector unit)
+    std::vector<uint8_t> Wq(q_bytes(DType::Q4, N, K));
+    quantize_q(DType::Q4, Wf.data(), N, K, size_t(K), Wq.data(), 1);
+    matmul_q_tiles<AmxTiles, DType::Q4>(tiles, M, K, Wq.data(), bias.data(), y_hw.data(), N, 0, N, false);
+    matmul_q_tiles<EmulatedTiles, DType::Q4>(tiles, M, K, Wq.data(), bias.data(), y_emu.data(), N, 0, N, false);
     return agree();
 }
 #endif

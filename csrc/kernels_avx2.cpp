@@ -549,11 +549,12 @@ static inline __m256i bcast4(const int8_t* p) {
     return _mm256_set1_epi32(v);
 }
 
-template <bool Q4>
+template <DType T>
 static void q_row_group(const int8_t* xq, const float* xd, const int32_t* xs, int B, const uint8_t* group,
                         float* out /* 16 floats */) {
-    const size_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
+    constexpr size_t block_bytes = q_block_bytes(T);
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+    const __m256i high2 = _mm256_set1_epi8(0x30);
     __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
     for (int b = 0; b < B; b++) {
         const uint8_t* blk = group + size_t(b) * block_bytes;
@@ -561,7 +562,7 @@ static void q_row_group(const int8_t* xq, const float* xd, const int32_t* xs, in
         for (size_t o = 0; o < block_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + o), _MM_HINT_T0);
         const int8_t* x = xq + b * kQBlock;
         __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-        if (Q4) {
+        if (T == DType::Q4) {
             // A nibble times an int8 is at most 15 * 127 in size, so the eight int16 pair sums of a
             // block (2 * 15 * 127 each) add up in int16 without overflow: one madd per register
             // instead of eight (multiplies are the bottleneck: one port on many cores).
@@ -580,6 +581,28 @@ static void q_row_group(const int8_t* xq, const float* xd, const int32_t* xs, in
             const __m256i corr = _mm256_set1_epi32(8 * xs[b]);
             acc0 = _mm256_sub_epi32(_mm256_madd_epi16(s0, ones), corr);
             acc1 = _mm256_sub_epi32(_mm256_madd_epi16(s1, ones), corr);
+        } else if (T == DType::Q6) {
+            // A level (0..63) times an int8: two int16 pair sums (2 * 63 * 127 each) fit in int16, so
+            // each register's low and high nibble columns add before one madd.
+            for (int g = 0; g < 4; g++) {
+                const __m256i xl = bcast4(x + 8 * g), xh = bcast4(x + 8 * g + 4);
+                for (int half = 0; half < 2; half++) {
+                    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 64 * g + 32 * half));
+                    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 288 + 64 * (g / 2) + 32 * half));
+                    // columns 8g.. take the 2 bits at 2m (m = 2 (g % 2)), 8g + 4.. those at 2m + 2: moved to bits 4-5
+                    const __m256i hl = g % 2 ? h : _mm256_slli_epi16(h, 4);
+                    const __m256i hh = g % 2 ? _mm256_srli_epi16(h, 2) : _mm256_slli_epi16(h, 2);
+                    const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, low4), _mm256_and_si256(hl, high2));
+                    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), _mm256_and_si256(hh, high2));
+                    const __m256i p = _mm256_madd_epi16(
+                        _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)), ones);
+                    if (half) acc1 = _mm256_add_epi32(acc1, p);
+                    else acc0 = _mm256_add_epi32(acc0, p);
+                }
+            }
+            const __m256i corr = _mm256_set1_epi32(32 * xs[b]);
+            acc0 = _mm256_sub_epi32(acc0, corr);
+            acc1 = _mm256_sub_epi32(acc1, corr);
         } else {
             for (int g = 0; g < 8; g++) {
                 const __m256i x4 = bcast4(x + 4 * g), ax = _mm256_abs_epi8(x4);
@@ -642,16 +665,16 @@ static void q4_row_group_x2(const int8_t* xq, const float* xd, const int32_t* xs
     _mm256_storeu_ps(out1 + 8, sum[1][1]);
 }
 
-template <bool Q4>
-static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+template <DType T>
+static void matmul_q(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
                      const float* bias, float* Y, int ldy, int n0, int n1) {
     const int B = q_blocks(K), Kp = B * kQBlock;
-    const size_t group_bytes = size_t(B) * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
+    const size_t group_bytes = size_t(B) * q_block_bytes(T);
     for (int n = n0; n < n1; n += kQRows) {
         const uint8_t* group = W + size_t(n / kQRows) * group_bytes;
         const int valid = imin(kQRows, n1 - n);
         int m = 0;
-        if (Q4)
+        if (T == DType::Q4)
             for (; m + 2 <= M; m += 2) {
                 float out[2][kQRows];
                 q4_row_group_x2(xq + size_t(m) * Kp, xd + size_t(m) * B, xs + size_t(m) * B, B, Kp, group, out[0],
@@ -663,27 +686,18 @@ static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M
             }
         for (; m < M; m++) {
             float out[kQRows];
-            q_row_group<Q4>(xq + size_t(m) * Kp, xd + size_t(m) * B, xs + size_t(m) * B, B, group, out);
+            q_row_group<T>(xq + size_t(m) * Kp, xd + size_t(m) * B, xs + size_t(m) * B, B, group, out);
             float* y = Y + size_t(m) * ldy + n;
             for (int r = 0; r < valid; r++) y[r] = out[r] + (bias ? bias[n + r] : 0.f);
         }
     }
 }
 
-static void matmul_q8(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
-                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
-    matmul_q<false>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-}
-static void matmul_q4(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
-                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
-    matmul_q<true>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-}
-
 static const Kernels table = {
     "avx2",        matmul_f32, matmul_bf16, rmsnorm,  rope_portable, silu_mul, attention_f32, attention_f16,
     attention_bf16_portable,  // no bf16 dot product in AVX2: the portable loops, vectorised for AVX2
     add_portable,
-    quantize_acts,          matmul_q8,  matmul_q4,
+    quantize_acts,          matmul_q<DType::Q8>,  matmul_q<DType::Q4>, matmul_q<DType::Q6>,
 };
 
 }  // namespace avx2

@@ -506,14 +506,14 @@ static inline __m512i bcast4(const int8_t* p) {
 
 // sums[t * NG + g] (the 16 rows of row group g) += NG consecutive row groups times MR activation
 // rows, over all blocks. Each activation broadcast feeds NG products. nzs holds -zero_point * the
-// activation block's sum (the weights' offset, 128 or 8, times it), so that each block's int32 sums
-// start from it instead of subtracting it afterwards.
-template <int MR, int NG, bool Q4>
+// activation block's sum (the weights' offset, 128, 32 or 8, times it), so that each block's int32
+// sums start from it instead of subtracting it afterwards.
+template <int MR, int NG, DType T>
 static inline void q_tile(const int8_t* xq, const float* xd, const int32_t* nzs, int B, const uint8_t* group,
                           size_t group_bytes, __m512* sums) {
     const int Kp = B * kQBlock;
-    const size_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    constexpr size_t block_bytes = q_block_bytes(T);
+    const __m512i low4 = _mm512_set1_epi8(0x0f), high2 = _mm512_set1_epi8(0x30);
     const int ahead = MR == 1 ? decode_prefetch_bytes() : 0;  // a decode streams W from memory
     for (int b = 0; b < B; b++) {
         const uint8_t* blk = group + size_t(b) * block_bytes;
@@ -525,7 +525,14 @@ static inline void q_tile(const int8_t* xq, const float* xd, const int32_t* nzs,
             const __m512i start = _mm512_set1_epi32(nzs[size_t(t) * B + b]);
             for (int g = 0; g < NG; g++) acc[t * NG + g] = start;
         }
-        if (Q4) {
+        if (T != DType::Q8) {
+            __m512i h2[NG][2];  // q6: the high 2 bits of columns 16h + 4m + j at bits 2m
+            if (T == DType::Q6)
+                for (int g = 0; g < NG; g++)
+                    for (int h = 0; h < 2; h++) {
+                        h2[g][h] = _mm512_loadu_si512(blk + g * group_bytes + 288 + 64 * h);
+                        keep_in_register(h2[g][h]);
+                    }
             for (int c = 0; c < 4; c++) {
                 __m512i lo[NG], hi[NG];
                 for (int g = 0; g < NG; g++) {
@@ -533,6 +540,13 @@ static inline void q_tile(const int8_t* xq, const float* xd, const int32_t* nzs,
                     keep_in_register(v);
                     lo[g] = _mm512_and_si512(v, low4);
                     hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                    if (T == DType::Q6) {  // columns 8c.. (m = 2 (c % 2)) and 8c + 4.. (m + 1): bits 2m to 4
+                        const __m512i h = h2[g][c / 2];
+                        const __m512i hl = c % 2 ? h : _mm512_slli_epi16(h, 4);
+                        const __m512i hh = c % 2 ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2);
+                        lo[g] = _mm512_ternarylogic_epi32(lo[g], hl, high2, 0xf8);  // lo | (hl & 0x30)
+                        hi[g] = _mm512_ternarylogic_epi32(hi[g], hh, high2, 0xf8);
+                    }
                 }
                 for (int t = 0; t < MR; t++) {
                     const __m512i xl = bcast4(x + size_t(t) * Kp + 8 * c), xh = bcast4(x + size_t(t) * Kp + 8 * c + 4);
@@ -565,7 +579,7 @@ static inline void q_tile(const int8_t* xq, const float* xd, const int32_t* nzs,
 }
 
 // Y rows of MR tokens x NG row groups (16 rows each; the first `rows` of them stored).
-template <bool Q4, int MR, int NG>
+template <DType T, int MR, int NG>
 static void q_rows(const int8_t* xq, const float* xd, const int32_t* nzs, int B, const uint8_t* group,
                    size_t group_bytes, const float* bias, float* Y, int ldy, int rows) {
     __m512 sums[MR * NG];
@@ -576,20 +590,19 @@ static void q_rows(const int8_t* xq, const float* xd, const int32_t* nzs, int B,
         const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask[g], bias + 16 * g) : _mm512_setzero_ps();
         for (int t = 0; t < MR; t++) sums[t * NG + g] = bv;
     }
-    q_tile<MR, NG, Q4>(xq, xd, nzs, B, group, group_bytes, sums);
+    q_tile<MR, NG, T>(xq, xd, nzs, B, group, group_bytes, sums);
     for (int t = 0; t < MR; t++)
         for (int g = 0; g < NG; g++) _mm512_mask_storeu_ps(Y + size_t(t) * ldy + 16 * g, mask[g], sums[t * NG + g]);
 }
 
-template <bool Q4>
-static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
+template <DType T>
+static void matmul_q(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K, const uint8_t* W,
                      const float* bias, float* Y, int ldy, int n0, int n1) {
     const int B = q_blocks(K), Kp = B * kQBlock;
-    const size_t group_bytes = size_t(B) * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
+    const size_t group_bytes = size_t(B) * q_block_bytes(T);
     static thread_local ThreadScratch<int32_t> scratch;
     int32_t* nzs = scratch.get(size_t(M) * B);
-    const int32_t zero_point = Q4 ? 8 : 128;
-    for (size_t i = 0; i < size_t(M) * B; i++) nzs[i] = -zero_point * xs[i];
+    for (size_t i = 0; i < size_t(M) * B; i++) nzs[i] = -q_zero_point(T) * xs[i];
     // A block of up to 64 tokens (64 * Kp bytes of activations, in L2) meets every row group of
     // [n0, n1); two row groups at a time are reused across the block 4 tokens at a time: on one Zen 4
     // core, Qwen2.5-0.5B's q4 / q8 matrices at 512 tokens ran at 320 / 310 GOP/s against 290 / 280
@@ -607,10 +620,10 @@ static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M
             auto run = [&](int m, auto mr) {
                 const size_t a = size_t(m) * B;
                 if (rows > kQRows)
-                    q_rows<Q4, decltype(mr)::value, NG>(xq + size_t(m) * Kp, xd + a, nzs + a, B, group, group_bytes,
+                    q_rows<T, decltype(mr)::value, NG>(xq + size_t(m) * Kp, xd + a, nzs + a, B, group, group_bytes,
                                                         bn, Y + size_t(m) * ldy + n, ldy, rows);
                 else
-                    q_rows<Q4, decltype(mr)::value, 1>(xq + size_t(m) * Kp, xd + a, nzs + a, B, group, group_bytes,
+                    q_rows<T, decltype(mr)::value, 1>(xq + size_t(m) * Kp, xd + a, nzs + a, B, group, group_bytes,
                                                        bn, Y + size_t(m) * ldy + n, ldy, rows);
             };
             int m = m0;
@@ -618,15 +631,6 @@ static void matmul_q(const int8_t* xq, const float* xd, const int32_t* xs, int M
             for (; m < m1; m++) run(m, std::integral_constant<int, 1>());
         }
     }
-}
-
-static void matmul_q8(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
-                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
-    matmul_q<false>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
-}
-static void matmul_q4(const float*, int, const int8_t* xq, const float* xd, const int32_t* xs, int M, int K,
-                      const uint8_t* W, const float* bias, float* Y, int ldy, int n0, int n1) {
-    matmul_q<true>(xq, xd, xs, M, K, W, bias, Y, ldy, n0, n1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -944,7 +948,7 @@ void multiply_add_loop(MultiplyAdd op, long iters) {
 static const Kernels table = {
     "avx512",  matmul_f32, matmul_bf16, rmsnorm,   rope_portable, silu_mul, attention_f32, attention_f16, attention_bf16,
     add,
-    quantize_acts, matmul_q8,  matmul_q4, matmul_bf16_swiglu, matmul_bf16_panels, matmul_bf16_add,
+    quantize_acts, matmul_q<DType::Q8>, matmul_q<DType::Q4>, matmul_q<DType::Q6>, matmul_bf16_swiglu, matmul_bf16_panels, matmul_bf16_add,
 };
 
 }  // namespace avx512

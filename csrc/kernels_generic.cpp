@@ -60,7 +60,8 @@ static void matmul_bf16(const float* X, int ldx, int M, int K, const uint16_t* W
 
 static const Kernels table = {
     "generic",          matmul_f32,         matmul_bf16,       rmsnorm_portable, rope_portable, silu_mul_portable,
-    attention_f32_portable, attention_f16_portable, attention_bf16_portable, add_portable,       quantize_acts_portable, matmul_q8_portable, matmul_q4_portable,
+    attention_f32_portable, attention_f16_portable, attention_bf16_portable, add_portable,       quantize_acts_portable,
+    matmul_q_portable<DType::Q8>, matmul_q_portable<DType::Q4>, matmul_q_portable<DType::Q6>,
 };
 
 }  // namespace generic

@@ -1,4 +1,4 @@
-// Quantizing weights into the q8 / q4 layouts of quant.h, and reading single rows back.
+// Quantizing weights into the q8 / q6 / q4 layouts of quant.h, and reading single rows back.
 #include "quant.h"
 
 #include <cmath>
@@ -9,8 +9,7 @@
 
 namespace qwen2rt {
 
-size_t q8_bytes(int rows, int cols) { return size_t(q_row_groups(rows)) * q_blocks(cols) * kQ8BlockBytes; }
-size_t q4_bytes(int rows, int cols) { return size_t(q_row_groups(rows)) * q_blocks(cols) * kQ4BlockBytes; }
+size_t q_bytes(DType t, int rows, int cols) { return size_t(q_row_groups(rows)) * q_blocks(cols) * q_block_bytes(t); }
 size_t bf16_bytes(int rows, int cols) {
     return size_t((rows + kBf16Rows - 1) / kBf16Rows) * bf16_group_values(cols) * 2;
 }
@@ -39,33 +38,36 @@ void quantize_block_q8(const float* v, uint16_t& scale, int8_t* q) {
     }
 }
 
-// q4: levels -8..7 times a scale. Like Q4_0, the value of largest magnitude goes to the -8 end
-// (scale = -max / t), but t is searched in 7..9 and each candidate's scale is refit by least
-// squares for its levels; the candidate with the smallest squared error wins. With the least-
-// squares scale d = <v,l> / <l,l>, the error is |v|^2 - <v,l>^2 / <l,l>: one pass per candidate.
-// Clamped in integers, which vectorise (float min/max with their NaN rules do not).
+// q4 and q6: levels -L..L-1 times a scale (L = 8, 32). Like Q4_0, the value of largest magnitude
+// goes to the -L end (scale = -max / t), but t is searched in L-1..L+1 and each candidate's scale
+// is refit by least squares for its levels; the candidate with the smallest squared error wins.
+// With the least-squares scale d = <v,l> / <l,l>, the error is |v|^2 - <v,l>^2 / <l,l>: one pass
+// per candidate. Clamped in integers, which vectorise (float min/max with their NaN rules do not).
+template <int L>
 inline float clamp_level(float l) {
     int i = int(l);
-    i = i < 7 ? i : 7;
-    return float(i > -8 ? i : -8);
+    i = i < L - 1 ? i : L - 1;
+    return float(i > -L ? i : -L);
 }
 
-void quantize_block_q4(const float* v, uint16_t& scale, uint8_t* q) {
+// q[j] = level + L, in 0..2L-1
+template <int L>
+void quantize_block_levels(const float* v, uint16_t& scale, uint8_t* q) {
     float mx = 0.f;
     for (int j = 0; j < kQBlock; j++)
         if (std::fabs(v[j]) > std::fabs(mx)) mx = v[j];
     if (mx == 0.f) {
         scale = 0;
-        for (int j = 0; j < kQBlock; j++) q[j] = 8;
+        for (int j = 0; j < kQBlock; j++) q[j] = L;
         return;
     }
-    float best_gain = -1.f, best_d = -mx / 8.f;
+    float best_gain = -1.f, best_d = -mx / float(L);
     for (int step = 0; step <= 8; step++) {
-        const float inv = -(7.0f + 0.25f * float(step)) / mx;
+        const float inv = -(float(L - 1) + 0.25f * float(step)) / mx;
         float lane_xl[8] = {}, lane_ll[8] = {};  // 8 independent sums: the loop vectorises
         for (int j0 = 0; j0 < kQBlock; j0 += 8)
             for (int k = 0; k < 8; k++) {
-                const float l = clamp_level(round_even(v[j0 + k] * inv));
+                const float l = clamp_level<L>(round_even(v[j0 + k] * inv));
                 lane_xl[k] += v[j0 + k] * l;
                 lane_ll[k] += l * l;
             }
@@ -78,13 +80,13 @@ void quantize_block_q4(const float* v, uint16_t& scale, uint8_t* q) {
     const float d = f16_to_f32(scale);
     const float inv = d != 0.f ? 1.f / d : 0.f;
     for (int j = 0; j < kQBlock; j++) {
-        q[j] = uint8_t(int(clamp_level(round_even(v[j] * inv))) + 8);
+        q[j] = uint8_t(int(clamp_level<L>(round_even(v[j] * inv))) + L);
     }
 }
 
 }  // namespace
 
-// The loop both formats share: every (row group, block) pair in parallel, each of its 16 rows
+// The loop every format shares: every (row group, block) pair in parallel, each of its 16 rows
 // quantized by `pack(values, scale, block)`, the 16 scales in front.
 template <class PackRow>
 static void quantize_packed(const float* W, int rows, int cols, size_t ldw, uint8_t* out, size_t block_bytes,
@@ -104,48 +106,48 @@ static void quantize_packed(const float* W, int rows, int cols, size_t ldw, uint
     }
 }
 
-void quantize_q8(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads) {
-    quantize_packed(W, rows, cols, ldw, out, kQ8BlockBytes, threads, [](const float* v, uint16_t& scale, uint8_t* row) {
-        int8_t q[kQBlock];
-        quantize_block_q8(v, scale, q);
-        for (int j = 0; j < kQBlock; j++) row[64 * (j / 4) + j % 4] = uint8_t(int(q[j]) + 128);
-    });
-}
-
-void quantize_q4(const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads) {
-    quantize_packed(W, rows, cols, ldw, out, kQ4BlockBytes, threads, [](const float* v, uint16_t& scale, uint8_t* row) {
-        uint8_t q[kQBlock];
-        quantize_block_q4(v, scale, q);
-        // column 8i + j (j < 4) in the low nibble, 8i + 4 + j in the high nibble
+void quantize_q(DType t, const float* W, int rows, int cols, size_t ldw, uint8_t* out, int threads) {
+    if (t == DType::Q8)
+        return quantize_packed(W, rows, cols, ldw, out, kQ8BlockBytes, threads, [](const float* v, uint16_t& scale, uint8_t* row) {
+            int8_t q[kQBlock];
+            quantize_block_q8(v, scale, q);
+            for (int j = 0; j < kQBlock; j++) row[64 * (j / 4) + j % 4] = uint8_t(int(q[j]) + 128);
+        });
+    // column 8i + j (j < 4) in the low nibble, 8i + 4 + j in the high nibble; q6 then the high 2 bits
+    // of column 16h + 4m + j at bits 2m of byte 256 + 64h + j
+    auto pack_nibbles = [](const uint8_t* q, uint8_t* row) {
         for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 4; j++) row[64 * i + j] = uint8_t(q[8 * i + j] | q[8 * i + 4 + j] << 4);
+            for (int j = 0; j < 4; j++) row[64 * i + j] = uint8_t((q[8 * i + j] & 15) | (q[8 * i + 4 + j] & 15) << 4);
+    };
+    if (t == DType::Q4)
+        return quantize_packed(W, rows, cols, ldw, out, kQ4BlockBytes, threads, [&](const float* v, uint16_t& scale, uint8_t* row) {
+            uint8_t q[kQBlock];
+            quantize_block_levels<8>(v, scale, q);
+            pack_nibbles(q, row);
+        });
+    quantize_packed(W, rows, cols, ldw, out, kQ6BlockBytes, threads, [&](const float* v, uint16_t& scale, uint8_t* row) {
+        uint8_t q[kQBlock];
+        quantize_block_levels<32>(v, scale, q);
+        pack_nibbles(q, row);
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++) {
+                uint8_t bits = 0;
+                for (int m = 0; m < 4; m++) bits |= uint8_t((q[16 * h + 4 * m + j] >> 4) << (2 * m));
+                row[256 + 64 * h + j] = bits;
+            }
     });
 }
 
-void dequantize_row_q8(const uint8_t* packed, int cols, int row, float* out) {
+void dequantize_row_q(DType t, const uint8_t* packed, int cols, int row, float* out) {
     const int B = q_blocks(cols), g = row / kQRows, r = row % kQRows;
+    const size_t block_bytes = q_block_bytes(t);
+    const int zero = q_zero_point(t);
     for (int b = 0; b < B; b++) {
-        const uint8_t* blk = packed + (size_t(g) * B + b) * kQ8BlockBytes;
+        const uint8_t* blk = packed + (size_t(g) * B + b) * block_bytes;
         uint16_t s;
         std::memcpy(&s, blk + 2 * r, 2);
         const float d = f16_to_f32(s);
-        for (int j = 0; j < kQBlock && b * kQBlock + j < cols; j++)
-            out[b * kQBlock + j] = d * float(int(blk[32 + 64 * (j / 4) + 4 * r + j % 4]) - 128);
-    }
-}
-
-void dequantize_row_q4(const uint8_t* packed, int cols, int row, float* out) {
-    const int B = q_blocks(cols), g = row / kQRows, r = row % kQRows;
-    for (int b = 0; b < B; b++) {
-        const uint8_t* blk = packed + (size_t(g) * B + b) * kQ4BlockBytes;
-        uint16_t s;
-        std::memcpy(&s, blk + 2 * r, 2);
-        const float d = f16_to_f32(s);
-        for (int j = 0; j < kQBlock && b * kQBlock + j < cols; j++) {
-            const uint8_t byte = blk[32 + 64 * (j / 8) + 4 * r + j % 4];
-            const int q = (j % 8) < 4 ? (byte & 15) : (byte >> 4);
-            out[b * kQBlock + j] = d * float(q - 8);
-        }
+        for (int j = 0; j < kQBlock && b * kQBlock + j < cols; j++) out[b * kQBlock + j] = d * float(q_level(t, blk, r, j) - zero);
     }
 }
 

@@ -89,7 +89,7 @@ struct FlushSubnormals {
 #endif
 };
 
-// The input rows of one or more matmuls: float32, and their int8 form (quant.h) for q8 / q4
+// The input rows of one or more matmuls: float32, and their int8 form (quant.h) for q8 / q6 / q4
 // matrices or their token tiles for a tile backend's prompt products (kernels.h), made once per
 // input and shared by every matrix that reads it.
 struct MatmulInput {
@@ -122,7 +122,7 @@ struct MatmulInput {
 
 // Whether the products of W run on token tiles, where its input has them (kernels.h: matmul_tiles).
 bool on_tiles(const MatmulInput& in, const Matrix& W) {
-    return in.tiles && (W.dtype == DType::BF16 || W.dtype == DType::Q8 || W.dtype == DType::Q4);
+    return in.tiles && (W.dtype == DType::BF16 || is_quantized(W.dtype));
 }
 
 // Y[:, a:b] = X W[a:b]^T (+ bias) for this thread's rows [a, b) of W; with add (on token tiles
@@ -141,6 +141,7 @@ void matmul_rows(const Kernels& K, const MatmulInput& in, int M, const Matrix& W
             break;
         case DType::Q8: K.matmul_q8(in.x, in.K, in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
         case DType::Q4: K.matmul_q4(in.x, in.K, in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
+        case DType::Q6: K.matmul_q6(in.x, in.K, in.q, in.d, in.s, M, W.cols, packed, bias, Y, ldy, a, b); break;
         default: break;
     }
 }
@@ -185,7 +186,7 @@ Qwen2Model::Qwen2Model(const Qwen2Config& cfg, DType weight_dtype, int threads, 
          "sizes out of range");
     need(cfg.rms_norm_eps > 0 && std::isfinite(cfg.rms_norm_eps), "rms_norm_eps must be positive");
     need(cfg.rope_theta > 0 && std::isfinite(cfg.rope_theta), "rope_theta must be positive");
-    if (weight_dtype == DType::F16) throw InvalidArgument("weights can be held as f32, bf16, q8 or q4");
+    if (weight_dtype == DType::F16) throw InvalidArgument("weights can be held as f32, bf16, q8, q6 or q4");
     if (max_context < 1 || max_context > (1 << 24)) throw InvalidArgument("max_context must be in 1..16777216");
     if (threads_ < 1) threads_ = 1;
 #ifndef _OPENMP
@@ -325,12 +326,12 @@ static int64_t first_non_finite(const void* data, DType t, size_t nbytes, int th
     if (t == DType::F32) mask = 0x7f800000u;
     else if (t == DType::BF16) mask = 0x7f80u;
     else if (t == DType::F16) mask = 0x7c00u;
-    else {  // q8 / q4: blocks, each starting with 16 f16 scales
+    else {  // q8 / q6 / q4: blocks, each starting with 16 f16 scales
         mask = 0x7c00u;
-        item = t == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes;
+        item = q_block_bytes(t);
         per = 16;
     }
-    const size_t stride = item / 2;  // in halves (f16/bf16/q8/q4)
+    const size_t stride = item / 2;  // in halves (f16/bf16/q8/q6/q4)
     const int64_t N = int64_t(nbytes / item);
     int bad = 0;
     if (t == DType::F32) {
@@ -352,8 +353,7 @@ static int64_t first_non_finite(const void* data, DType t, size_t nbytes, int th
 
 // Bytes of a [rows, cols] matrix held as `t` (bf16 packed, quant.h).
 static size_t matrix_bytes(DType t, int rows, int cols) {
-    if (t == DType::Q8) return q8_bytes(rows, cols);
-    if (t == DType::Q4) return q4_bytes(rows, cols);
+    if (is_quantized(t)) return q_bytes(t, rows, cols);
     if (t == DType::BF16 || t == DType::BF16P) return bf16_bytes(rows, cols);
     return checked_mul(checked_mul(size_t(rows), size_t(cols)), dtype_size(t));
 }
@@ -516,9 +516,8 @@ bool Qwen2Model::set_tensor(const std::string& name, const void* data, DType src
             refuse_non_finite(bad, size_t(r0) * size_t(cols), false);
         if (borrow_gguf) continue;  // checked only
         uint8_t* out = dst;
-        if (target == DType::Q8 || target == DType::Q4)
-            (target == DType::Q8 ? quantize_q8 : quantize_q4)(f, n, cols, size_t(cols), out + matrix_bytes(target, r0, cols),
-                                                               threads_);
+        if (is_quantized(target))
+            quantize_q(target, f, n, cols, size_t(cols), out + matrix_bytes(target, r0, cols), threads_);
         else if (target == DType::BF16)
             pack_bf16(f, n, cols, size_t(cols), reinterpret_cast<uint16_t*>(out + matrix_bytes(target, r0, cols)), threads_);
         else
@@ -607,7 +606,7 @@ void Qwen2Model::embedding_span(int token, size_t& begin, size_t& bytes, int& ro
     if (E.gguf_type >= 0) bytes = gguf_dequant_src_bytes(E.gguf_type, E.cols);  // whole blocks
     else if (E.dtype == DType::F32) bytes = size_t(E.cols) * 4;
     else if (E.dtype == DType::BF16) group_rows = kBf16Rows, bytes = bf16_group_values(E.cols) * 2;
-    else group_rows = kQRows, bytes = size_t(q_blocks(E.cols)) * (E.dtype == DType::Q8 ? kQ8BlockBytes : kQ4BlockBytes);
+    else group_rows = kQRows, bytes = size_t(q_blocks(E.cols)) * q_block_bytes(E.dtype);
     begin = size_t(token) / group_rows * bytes;
     row = int(size_t(token) % group_rows);
 }
@@ -655,8 +654,9 @@ void Qwen2Model::embed(int token, float* out, const uint8_t* rows, int t) const 
     }
     switch (E.dtype) {
         case DType::F32: std::memcpy(out, span, bytes); break;
-        case DType::Q8: dequantize_row_q8(span, E.cols, row, out); break;
-        case DType::Q4: dequantize_row_q4(span, E.cols, row, out); break;
+        case DType::Q8:
+        case DType::Q6:
+        case DType::Q4: dequantize_row_q(E.dtype, span, E.cols, row, out); break;
         default: unpack_row_bf16(reinterpret_cast<const uint16_t*>(span), E.cols, row, out);
     }
 }

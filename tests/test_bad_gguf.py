@@ -494,7 +494,7 @@ UP = "model.layers.0.mlp.up_proj.weight"
         ({"qwen2rt_format_version": "0"}, FormatError, "format version 0 is not valid"),
         ({"qwen2rt_format_version": "-1"}, FormatError, "format version -1 is not valid"),
         ({"qwen2rt_format_version": "9" * 5000}, FormatError, "_format_version '9999.*\\.\\.\\. is not a number"),
-        ({"qwen2rt_format_version": "5"}, UnsupportedModelError, "version 5 is newer than this qwen2rt reads"),
+        ({"qwen2rt_format_version": "6"}, UnsupportedModelError, "version 6 is newer than this qwen2rt reads"),
         ({"qwen2rt_format_version": None}, FormatError, "qwen2rt_format_version None is not a number"),
         ({"qwen2rt_dtype": "q3"}, FormatError, "qwen2rt_dtype 'q3' is not one of"),
     ],

@@ -268,7 +268,7 @@ def test_non_finite_weights_refused_at_load(copy, dtype, value, name, index, whe
         qwen2rt.Model(copy, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", ["q8", "q4"])
+@pytest.mark.parametrize("dtype", ["q8", "q6", "q4"])
 def test_non_finite_scale_in_converted_model_refused(good, tmp_path, dtype):
     """A converted (packed) model with an Inf block scale: refused at load, naming the tensor."""
     from qwen2rt.converted import convert

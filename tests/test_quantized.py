@@ -1,4 +1,4 @@
-"""q8 / q4 models: against PyTorch, across ISA paths, and converted folders that load by mmap."""
+"""q8 / q6 / q4 models: against PyTorch, across ISA paths, and converted folders that load by mmap."""
 
 import json
 
@@ -26,10 +26,10 @@ def torch_logits(ref, ids):
 
 
 # Relative logit error and top-1 agreement the formats must reach on the random tiny models.
-BOUNDS = {"q8": (0.03, 0.95), "q4": (0.25, 0.6)}
+BOUNDS = {"q8": (0.03, 0.95), "q6": (0.08, 0.85), "q4": (0.25, 0.6)}
 
 
-@pytest.mark.parametrize("dtype", ["q8", "q4"])
+@pytest.mark.parametrize("dtype", ["q8", "q6", "q4"])
 def test_quantized_close_to_pytorch(ckpt, dtype, isa):
     folder, ref = ckpt
     ids = np.random.default_rng(3).integers(0, ref.config.vocab_size, 48).tolist()
@@ -108,7 +108,7 @@ def test_thread_counts_agree(shapes, dtype):
         np.testing.assert_allclose(out[th], out[1], rtol=0, atol=1e-5 * np.abs(out[1]).max(), err_msg=f"{th} threads")
 
 
-@pytest.mark.parametrize("dtype", ["q8", "q4"])
+@pytest.mark.parametrize("dtype", ["q8", "q6", "q4"])
 def test_isa_paths_agree(ckpt, dtype):
     from qwen2rt import _core
 
@@ -127,16 +127,19 @@ def test_isa_paths_agree(ckpt, dtype):
         assert np.sum(err > 1e-4) <= 1 and err.max() < 2e-2, (isa, err)
 
 
-def test_q4_keeps_lm_head_and_v_proj_in_q8(ckpt):
+def test_q4_keeps_lm_head_in_q6_and_v_proj_in_q8(ckpt):
     folder, ref = ckpt
     m = qwen2rt.Model(folder, dtype="q4")
     assert m._core.tensor_bytes("model.layers.0.mlp.up_proj.weight")[0] == "q4"
     assert m._core.tensor_bytes("model.layers.0.self_attn.v_proj.weight")[0] == "q8"
     head = "model.embed_tokens.weight" if ref.config.tie_word_embeddings else "lm_head.weight"
-    assert m._core.tensor_bytes(head)[0] == "q8"
+    assert m._core.tensor_bytes(head)[0] == "q6"
     pure = qwen2rt.Model(folder, dtype="q4", dtype_overrides={"lm_head": "q4", "v_proj": "q4"})
     assert pure._core.tensor_bytes(head)[0] == "q4"
     assert pure._core.weight_bytes < m._core.weight_bytes
+    wide = qwen2rt.Model(folder, dtype="q4", dtype_overrides={"lm_head": "q8"})
+    assert wide._core.tensor_bytes(head)[0] == "q8"
+    assert wide._core.weight_bytes > m._core.weight_bytes
     with pytest.raises(InvalidInputError):
         qwen2rt.Model(folder, dtype="q4", dtype_overrides={"lm_head": "q3"})
 
@@ -165,6 +168,19 @@ def test_converted_equals_on_the_fly(converted):
     msgs = [{"role": "user", "content": "hi"}]
     assert m.apply_chat_template(msgs) == qwen2rt.Model(src).apply_chat_template(msgs)
     assert m.eos_token_ids == qwen2rt.Model(src).eos_token_ids
+
+
+def test_converted_format_version_is_the_lowest_that_reads_it(converted, tmp_path):
+    """A q4 folder holds its lm_head in q6, which format version 5 brought: an older qwen2rt then says
+    to upgrade instead of failing on the tensor; a q8 folder stays readable by version 1."""
+    from qwen2rt.converted import convert
+    from qwen2rt.safetensors_io import SafetensorsFile
+
+    src, dst = converted
+    md = SafetensorsFile(dst / "model.safetensors").metadata
+    assert md["qwen2rt_format_version"] == "5" and "q6" in json.loads(md["qwen2rt_tensor_dtypes"]).values()
+    convert(str(src), str(tmp_path / "q8"), dtype="q8", progress=False)
+    assert SafetensorsFile(tmp_path / "q8" / "model.safetensors").metadata["qwen2rt_format_version"] == "1"
 
 
 def test_converted_is_mapped_not_copied(converted):

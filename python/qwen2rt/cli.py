@@ -18,7 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None
 
         p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                        help=f"model folder, GGUF file or name (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default=None, choices=["bf16", "f32", "q8", "q4"],
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32", "q8", "q6", "q4"],
                    help="weight type in memory (default: bf16, or a converted model's own)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: the cores available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's)")
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     cv = sub.add_parser("convert", help="quantize a model into a folder that loads by mmap")
     cv.add_argument("src", help="a Hugging Face folder, a GGUF file or a registry name")
     cv.add_argument("dst", help="output folder")
-    cv.add_argument("--dtype", default="q4", choices=["q4", "q8", "bf16", "f32"])
+    cv.add_argument("--dtype", default="q4", choices=["q4", "q6", "q8", "bf16", "f32"])
     cv.add_argument("--override", action="append", metavar="PART=DTYPE",
                     help="store matrices whose name contains PART as DTYPE (e.g. lm_head=q8); repeatable")
     cv.add_argument("--threads", type=int, default=None)
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--windows", type=int, default=None, help="at most this many windows")
     pp.add_argument("--kl-divergence", metavar="REF", default=None,
                     help="reference: a model (path or name, run with --ref-dtype) or an .npz of saved log-probs")
-    pp.add_argument("--ref-dtype", default="f32", choices=["bf16", "f32", "q8", "q4"])
+    pp.add_argument("--ref-dtype", default="f32", choices=["bf16", "f32", "q8", "q6", "q4"])
     pp.add_argument("--save-logprobs", metavar="NPZ", default=None, help="save this model's log-probs as a reference")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=cmd_perplexity)

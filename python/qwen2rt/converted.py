@@ -31,16 +31,17 @@ FORMAT_NAME = "qwen2rt"
 # 2: an untied embedding may be GGUF blocks (dtype "gguf:<ggml type>"). 3: bf16 matrices are packed
 # as they were held then (dtype "bf16p": groups of 8 rows by blocks of 32 columns). 4: as they are
 # held now (dtype "bf16p32": groups of 32 rows by column pairs, csrc/quant.h), mapped with no copy.
-# Version 1 and 2 files hold them row-major ("bf16") and version 3 files in the old groups; both
-# load by packing a copy. A file is written with the lowest version that reads it, so that a qwen2rt
-# reading version 1 still reads the others.
-FORMAT_VERSION = 4
+# 5: q6 matrices (a q4 model's lm_head). Version 1 and 2 files hold bf16 row-major ("bf16") and
+# version 3 files in the old groups; both load by packing a copy. A file is written with the lowest
+# version that reads it, so that a qwen2rt reading version 1 still reads the others.
+FORMAT_VERSION = 5
 ALIGN = 64  # the data section starts on a 64-byte boundary
 
 
-MATRIX_DTYPES = ("bf16", "f32", "q8", "q4")  # model.WEIGHT_DTYPES
+MATRIX_DTYPES = ("bf16", "f32", "q8", "q6", "q4")  # model.WEIGHT_DTYPES
 TENSOR_DTYPES = MATRIX_DTYPES + ("bf16p", "bf16p32")  # what a tensor may be stored as (but a GGUF embedding)
 GGUF_EMBEDDING = "model.embed_tokens.weight"  # the one tensor that may be GGUF blocks
+Q_VALUE_BYTES = {"q8": 512, "q6": 384, "q4": 256}  # a packed block's values, after its 32 bytes of scales
 
 
 def gguf_block_type(dtype: str) -> int | None:
@@ -54,8 +55,8 @@ def gguf_block_type(dtype: str) -> int | None:
 
 
 def packed_bytes(dtype: str, shape: list[int]) -> int:
-    """Bytes of a tensor in the C++ layout (csrc/quant.h): q8/q4 matrices in groups of 16 rows by
-    blocks of 32 columns, 32 bytes of f16 scales then 512 (q8) or 256 (q4) bytes of values a block;
+    """Bytes of a tensor in the C++ layout (csrc/quant.h): q8/q6/q4 matrices in groups of 16 rows by
+    blocks of 32 columns, 32 bytes of f16 scales then 512 (q8), 384 (q6) or 256 (q4) bytes of values a block;
     GGUF blocks row by row (each row whole blocks, else -1: no size fits)."""
     if (ggml := gguf_block_type(dtype)) is not None:
         from .gguf_io import GGML_TYPES
@@ -63,15 +64,24 @@ def packed_bytes(dtype: str, shape: list[int]) -> int:
         _, block, nbytes = GGML_TYPES[ggml]
         rows, cols = shape
         return rows * (cols // block) * nbytes if cols % block == 0 else -1
-    if dtype in ("q8", "q4"):
+    if dtype in Q_VALUE_BYTES:
         rows, cols = shape
-        return -(-rows // 16) * -(-cols // 32) * (32 + (512 if dtype == "q8" else 256))
+        return -(-rows // 16) * -(-cols // 32) * (32 + Q_VALUE_BYTES[dtype])
     if dtype in ("bf16p", "bf16p32"):  # groups of 8 (32) rows by 32 (32) columns, zero-padded
         rows, cols = shape
         group = 8 if dtype == "bf16p" else 32
         return -(-rows // group) * -(-cols // 32) * 64 * group
     count = shape[0] * (shape[1] if len(shape) == 2 else 1)
     return count * (2 if dtype == "bf16" else 4)
+
+
+def _lowest_version(dtype: str, kinds: set[str]) -> int:
+    """The lowest format version that reads a file of these tensor dtypes (FORMAT_VERSION's list)."""
+    if dtype == "q6" or "q6" in kinds:
+        return 5
+    if "bf16p32" in kinds:
+        return 4
+    return 2 if any(k.startswith("gguf:") for k in kinds) else 1
 
 
 HUGE_PAGE = 2 << 20
@@ -269,8 +279,7 @@ def convert(
         offset += data.size
     header["__metadata__"] = {
         "format": FORMAT_NAME,
-        "qwen2rt_format_version": str(4 if "bf16p32" in tensor_dtypes.values()
-                                      else 2 if any(k.startswith("gguf:") for k in tensor_dtypes.values()) else 1),
+        "qwen2rt_format_version": str(_lowest_version(dtype, set(tensor_dtypes.values()))),
         "qwen2rt_dtype": dtype,
         "qwen2rt_tensor_dtypes": json.dumps(tensor_dtypes),
         "qwen2rt_shapes": json.dumps(shapes),
