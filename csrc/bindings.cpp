@@ -304,6 +304,7 @@ PYBIND11_MODULE(_core, m) {
         d["avx_vnni"] = f.avx_vnni && f.os_avx;
         d["amx_int8"] = f.amx_int8 && f.os_amx;
         d["amx_bf16"] = f.amx_bf16 && f.os_amx;
+        d["fast_bf16_dot"] = bf16_dot_beats_fma();  // a bf16 KV cache is the fast one
         return d;
     });
     m.def(

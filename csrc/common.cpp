@@ -37,6 +37,16 @@ AlignedBuffer::AlignedBuffer(size_t bytes, bool huge_pages) {
     size_ = bytes;
 }
 
+bool collapse_huge_page(void* page) {
+#if defined(__linux__)
+    constexpr int kMadvCollapse = 25;  // MADV_COLLAPSE, which headers older than the kernel lack
+    return madvise(page, kHugePageBytes, kMadvCollapse) == 0;
+#else
+    (void)page;
+    return false;
+#endif
+}
+
 AlignedBuffer::~AlignedBuffer() {
     if (!ptr_) return;
 #if QWEN2RT_HAVE_MMAP

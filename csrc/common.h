@@ -87,6 +87,13 @@ class AlignedBuffer {
     bool mapped_ = false;
 };
 
+// Huge pages: 2 MiB on x86-64 (and on arm64 with 4 KiB base pages).
+constexpr size_t kHugePageBytes = size_t(2) << 20;
+// Makes the kHugePageBytes-aligned page at `page` of an anonymous mapping one huge page now
+// (Linux 6.1's MADV_COLLAPSE; its parts not yet written become resident, zero). false where that
+// cannot be done (another OS, an older kernel, no huge page free): the memory stays as it was.
+bool collapse_huge_page(void* page);
+
 // A file descriptor, closed with its owner.
 class OwnedFd {
   public:

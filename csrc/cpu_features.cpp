@@ -62,6 +62,11 @@ int decode_prefetch_bytes() {
     return bytes;
 }
 
+bool bf16_dot_beats_fma() {
+    const CpuFeatures& f = cpu_features();
+    return f.avx512bf16 && f.os_avx512 && !f.intel;
+}
+
 std::vector<std::string> available_isas() {
     std::vector<std::string> out{"generic"};
 #if defined(QWEN2RT_X86)

@@ -24,6 +24,14 @@ const CpuFeatures& cpu_features();
 // (kernels_avx512.cpp), so other CPUs keep to the hardware prefetcher.
 int decode_prefetch_bytes();
 
+// Whether bf16 pair dot products (`vdpbf16ps`) multiply faster than f32 FMAs here, which makes a
+// bf16 KV cache the fast one (model.py: default_kv_dtype). On Zen 4 the attention over a bf16 cache
+// took half the time of the f16 one. On a Xeon with AMX `vdpbf16ps` ran at half the FMAs' flops
+// (105 against 211 GFLOP/s a core, multiply_add_peak) and the bf16 attention at 1.4x the f16 one's
+// time in cache (benchmarks/attention.py); q4's decode at 8k positions was 0.65-0.69 of its speed at
+// 128 with a bf16 cache and 0.75 with f16. So: CPUs with AVX-512 BF16 but Intel's.
+bool bf16_dot_beats_fma();
+
 // Instruction-set paths this build has and this CPU can run, worst to best ("generic" first).
 std::vector<std::string> available_isas();
 // Paths that emulate instructions this CPU lacks, for tests: they may be named, never picked.

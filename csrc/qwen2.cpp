@@ -168,6 +168,36 @@ KVCache::KVCache(int layers, int kv_heads, int head_dim, int max_context, DType 
     v_ = AlignedBuffer(half);
 }
 
+void KVCache::settle(int n) {
+    if (!collapsing_ || n < settled_ + kSettleStep) return;
+    settled_ = n;
+    // Each buffer is kv_heads * layers rows of `row` bytes, each written from its start.
+    const size_t row = key_positions(max_context_) * size_t(head_dim_) * dtype_size(dtype_);
+    const size_t written = std::min(row, key_positions(n) * size_t(head_dim_) * dtype_size(dtype_));
+    const AlignedBuffer* buffers[2] = {&k_, &v_};
+    for (int b = 0; b < 2; b++) {
+        const uintptr_t base = reinterpret_cast<uintptr_t>(buffers[b]->data()), end = base + buffers[b]->size();
+        const uintptr_t first = (base + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+        std::vector<bool>& done = huge_[b];
+        if (end > first) done.resize((end - first) / kHugePageBytes);
+        for (size_t i = 0; i < done.size(); i++) {
+            if (done[i]) continue;
+            const size_t lo = first - base + i * kHugePageBytes, hi = lo + kHugePageBytes;  // offsets of page i
+            size_t bytes = 0;  // of page i in the written part of some row
+            for (size_t r = lo / row; r * row < hi; r++) {
+                const size_t from = std::max(lo, r * row), to = std::min(hi, r * row + written);
+                if (to > from) bytes += to - from;
+            }
+            if (2 * bytes < kHugePageBytes) continue;
+            done[i] = true;
+            if (!collapse_huge_page(reinterpret_cast<void*>(base + lo))) {
+                collapsing_ = false;
+                return;
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Construction and weights
 
@@ -704,6 +734,7 @@ void Qwen2Model::forward(const int32_t* tokens, int n, int start_pos, bool all_l
         forward_chunk(tokens + c0, row_seq_.data(), row_pos_.data(), nc, out, all_logits, interrupted);
         cached.insert(cached.end(), tokens + c0, tokens + c0 + nc);
     }
+    caches_[size_t(seq)].settle(cache_len(seq));
 }
 
 void Qwen2Model::decode_batch(const int32_t* tokens, const int32_t* seqs, int n, float* logits,
@@ -722,7 +753,10 @@ void Qwen2Model::decode_batch(const int32_t* tokens, const int32_t* seqs, int n,
     check_ready();
     for (int i = 0; i < n; i++) row_seq_[i] = seqs[i], row_pos_[i] = cache_len(seqs[i]);
     forward_chunk(tokens, row_seq_.data(), row_pos_.data(), n, logits, /*all_logits=*/true, interrupted);
-    for (int i = 0; i < n; i++) tokens_[size_t(seqs[i])].push_back(tokens[i]);
+    for (int i = 0; i < n; i++) {
+        tokens_[size_t(seqs[i])].push_back(tokens[i]);
+        caches_[size_t(seqs[i])].settle(cache_len(seqs[i]));
+    }
 }
 
 // Split-KV: how many key ranges each (KV head, row) item of an attention step is cut into. Only a

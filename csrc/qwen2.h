@@ -86,14 +86,26 @@ class KVCache {
     size_t bytes() const { return k_.size() + v_.size(); }
     int max_context() const { return max_context_; }
     DType dtype() const { return dtype_; }
+    // Called once positions [0, n) of every (layer, head) are written: the 2 MiB pages those
+    // positions fill at least half of become huge pages (collapse_huge_page). A decode step at 8k
+    // positions of Qwen2.5-0.5B ran 8% faster with its cache in 2 MiB pages than in 4 KiB ones (2
+    // Xeon cores, f16 cache, alternating processes): the attention reads each (layer, KV head) as
+    // 1 MB of K and of V, 512 pages of 4 KiB. A cache allocated whole (AlignedBuffer(huge_pages))
+    // would be resident as soon as its rows were begun; this way a mostly unwritten one stays mostly
+    // unresident. Cheap unless n grew by kSettleStep positions since the last look.
+    void settle(int n);
 
   private:
+    static constexpr int kSettleStep = 256;
     size_t offset(int layer, int head) const {
         return (size_t(layer) * kv_heads_ + head) * key_positions(max_context_) * head_dim_;
     }
     int kv_heads_ = 0, head_dim_ = 0, max_context_ = 0;
     DType dtype_ = DType::F32;
     AlignedBuffer k_, v_;
+    int settled_ = 0;            // n at the last look
+    bool collapsing_ = true;     // false once a collapse failed: this OS or kernel cannot
+    std::vector<bool> huge_[2];  // per 2 MiB page of k_ and v_: judged (collapsed) already
 };
 
 class Qwen2Model {

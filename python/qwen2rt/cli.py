@@ -23,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None
     p.add_argument("--threads", type=int, default=None, help="threads (default: the cores available)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's)")
     p.add_argument("--kv-dtype", default=None, choices=["f16", "bf16", "f32"],
-                   help="KV cache element type (default: f16; f32 for f32 weights; bf16 for q4 on AVX-512)")
+                   help="KV cache element type (default: f16; f32 for f32 weights; bf16 for q4 on AVX-512 but Intel's)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

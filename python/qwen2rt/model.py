@@ -38,12 +38,14 @@ BF16_DOT_ISAS = ("avx512", "amx", "amx-emulated")
 def default_kv_dtype(dtype: str) -> str:
     """A 16-bit cache halves what a long-context step reads; f32 models keep an f32 cache, so that they
     stay the exact reference for PyTorch's float32. q4 models take a bf16 cache where the kernels in
-    use have bf16 dot products (AVX-512 BF16): half the attention's arithmetic, which is most of a
-    decode step at 8k tokens, for 2% of q4's own KL divergence from f32 (docs/formats.md). bf16 and
-    q8 weights keep f16, whose cost is a tenth of theirs."""
+    use have bf16 dot products (AVX-512 BF16) and the CPU runs them faster than FMAs (cpu_flags'
+    fast_bf16_dot; not Intel's): half the attention's arithmetic, which is most of a decode step at
+    8k tokens, for 2% of q4's own KL divergence from f32 (docs/formats.md). bf16 and q8 weights keep
+    f16, whose cost is a tenth of theirs."""
     if dtype == "f32":
         return "f32"
-    return "bf16" if dtype == "q4" and _core.active_isa() in BF16_DOT_ISAS else "f16"
+    fast = _core.active_isa() in BF16_DOT_ISAS and _core.cpu_flags()["fast_bf16_dot"]
+    return "bf16" if dtype == "q4" and fast else "f16"
 
 
 def matrix_dtype_policy(dtype: str, overrides: dict[str, str] | None, tied: bool):
