@@ -262,6 +262,7 @@ const Kernels& kernels_or_throw(const std::string& isa) {
 PYBIND11_MODULE(_core, m) {
     m.doc() = "qwen2rt C++ core";
     g_main_thread = PyThread_get_thread_ident();
+    m.attr("CHUNK_TOKENS") = Qwen2Model::kChunk;  // prompt rows a forward pass takes at once
 
     py::object errors = py::module_::import("qwen2rt.errors");
     static py::object invalid = errors.attr("InvalidInputError");

@@ -176,8 +176,8 @@ struct TileScope {
 
 constexpr int kTileTokens = 16;
 // The products' token tiles of a range of K stay in L2 while every weight row of the thread's share
-// meets them (2 MiB of L2 a core on Sapphire Rapids): all of K up to 2048 columns for a 256-token
-// chunk, so that only down_proj's K (4864 in the 0.5B model) goes in ranges.
+// meets them (2 MiB of L2 a core on Sapphire Rapids): all of K up to 1024 columns for a 512-token
+// chunk (the 0.5B model's hidden size is 896), so that only down_proj's K (4864) goes in ranges.
 constexpr size_t kTokenRangeBytes = size_t(1) << 20;
 
 // Token tiles (kernels.h: tile_tokens_size): columns [c0, c1) of token t rounded to bf16 (round to

@@ -173,8 +173,11 @@ class Qwen2Model {
     size_t kv_cache_bytes() const;  // all slots
     DType kv_dtype() const { return kv_dtype_; }
 
-    // Tokens a single pass processes at once; longer prompts go through in chunks of this size.
-    static constexpr int kChunk = 256;
+    // Tokens a single pass processes at once; longer prompts go through in chunks of this size. Each
+    // weight matrix is read (and for q8 / q6 / q4 on AMX, dequantized to bf16) once per chunk: a
+    // 512-token prompt in one chunk instead of two of 256 ran 7% (bf16), 6% (q8) and 2% (q4) faster
+    // on 2 Xeon cores with AMX (alternating processes), for 15 MB more activations.
+    static constexpr int kChunk = 512;
     // A chunk of at most this many rows, and fewer than threads (a decode step), is normed by every
     // thread for itself (forward_chunk).
     static constexpr int kOwnNormRows = 4;

@@ -124,15 +124,16 @@ def test_kv_dtype_defaults_and_choices(checkpoint):
 
 
 def test_long_prompt_in_chunks(checkpoint):
-    """A prompt longer than one 256-token chunk: chunks attend to the ones before them."""
+    """A prompt longer than one chunk (qwen2.h kChunk): chunks attend to the ones before them."""
     folder, ref, _ = checkpoint
     rng = np.random.default_rng(8)
-    ids = rng.integers(0, ref.config.vocab_size, 300).tolist()
+    n = _core.CHUNK_TOKENS + 44
+    ids = rng.integers(0, ref.config.vocab_size, n).tolist()
     want = reference_logits(ref, ids)
-    m = qwen2rt.Model(folder, dtype="f32")
+    m = qwen2rt.Model(folder, dtype="f32", max_context=n)  # past the tiny config's 512 positions
     got = m.forward(ids, all_logits=True)
     assert rel_err(got, want) < 1e-4
-    last = m.forward(ids[:299] + [ids[299]], start_pos=0)
+    last = m.forward(ids[: n - 1] + [ids[n - 1]], start_pos=0)
     assert rel_err(last, want[-1]) < 1e-4
 
 

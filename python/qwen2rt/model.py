@@ -250,7 +250,7 @@ class Model:
         """The C++ forward pass's buffers (qwen2.h Scratch): a chunk of activations, and per thread
         the attention scores of one KV head's query heads over the whole context."""
         c = self.config
-        chunk = 256
+        chunk = _core.CHUNK_TOKENS
         qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         widest = max(c.hidden_size, qd, c.intermediate_size)
         rows = 3 * c.hidden_size + 2 * qd + 2 * kvd + 2 * c.intermediate_size + c.head_dim + 2 * widest
